@@ -1,0 +1,67 @@
+"""The actor-critic contract every policy implements.
+
+One interface serves rollouts and training: ``forward`` takes whole sequences ``[B, T, obs_dim]``
+with an initial recurrent state and per-step reset flags. Rollouts call it with ``T == 1`` (a
+recurrent policy takes its O(1) step path there); training recomputes the same outputs over the
+stored sequence. Stateless policies use a state of width 0 so the collector and the MAML code never
+branch on the policy kind.
+
+Per-agent (adapted) parameters are applied with ``torch.func.functional_call`` under
+``torch.func.vmap`` over the agent dimension, so ``forward`` must be written with plain tensor ops
+(no in-place updates of inputs, no data-dependent Python control flow on tensor values).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class PolicyOutput(NamedTuple):
+    """What a policy returns for a sequence.
+
+    Attributes:
+        mean: Gaussian action mean, ``[B, T, action_dim]``.
+        log_std: Gaussian log standard deviation, broadcastable to ``mean``.
+        value: state-value estimate, ``[B, T]``.
+        state: recurrent state after the last step, ``[B, *state_shape]`` (width 0 if stateless).
+    """
+
+    mean: torch.Tensor
+    log_std: torch.Tensor
+    value: torch.Tensor
+    state: torch.Tensor
+
+
+class ActorCritic(nn.Module, abc.ABC):
+    """Base class of Gaussian actor-critic policies (stateless or recurrent).
+
+    Subclasses take ``observation_dim`` and ``action_dim`` as their first two arguments; the CLI
+    links them from the data module, so configs only set the architecture.
+    """
+
+    observation_dim: int
+    action_dim: int
+
+    @abc.abstractmethod
+    def initial_state(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
+        """Zero recurrent state, ``[batch_size, *state_shape]``."""
+
+    @abc.abstractmethod
+    def forward(
+        self, observations: torch.Tensor, state: torch.Tensor, resets: torch.Tensor
+    ) -> PolicyOutput:
+        """Run the policy over a sequence.
+
+        Args:
+            observations: ``[B, T, observation_dim]``.
+            state: recurrent state before step 0, ``[B, *state_shape]``.
+            resets: ``[B, T]`` bool; ``resets[b, t]`` zeroes the state *before* step ``t`` (the
+                observation at ``t`` is the first of a new episode or trial).
+
+        Returns:
+            A :class:`PolicyOutput` with per-step mean, log-std and value, and the final state.
+        """
