@@ -46,6 +46,14 @@ class ActorCritic(nn.Module, abc.ABC):
     observation_dim: int
     action_dim: int
 
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """Names of parameters per optimiser group.
+
+        The default puts everything in ``"default"``. Policies with state-space layers return an
+        extra ``"ssm"`` group (no weight decay, own learning rate, as the S4/S5 references do).
+        """
+        return {"default": [name for name, _ in self.named_parameters()]}
+
     @abc.abstractmethod
     def initial_state(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
         """Zero recurrent state, ``[batch_size, *state_shape]``."""
