@@ -1,0 +1,62 @@
+"""Save the resolved config where a run's outputs live, and into the MLflow run.
+
+LightningCLI's stock ``SaveConfigCallback`` writes to ``trainer.log_dir``, which MLFlowLogger with a
+sqlite tracking URI does not have (it asserts). This one writes ``config.yaml`` into the trainer's
+``default_root_dir`` and, when an MLflow logger is attached, logs the YAML as an artifact and every
+leaf of the config as a run parameter (flattened dotted keys), so the MLflow UI shows the whole
+experiment.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import MLFlowLogger
+
+# MLflow rejects parameter values longer than this (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH).
+_MAX_PARAM_LENGTH = 6000
+
+
+def flatten_config(config: Any, prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``; lists keep their index (``a.0``)."""
+    flat: dict[str, str] = {}
+    if isinstance(config, dict):
+        items = config.items()
+    elif isinstance(config, (list, tuple)):
+        items = ((str(i), v) for i, v in enumerate(config))
+    else:
+        return {prefix: str(config)[:_MAX_PARAM_LENGTH]}
+    for key, value in items:
+        flat.update(flatten_config(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+class SaveConfigToRun(SaveConfigCallback):
+    """Writes ``config.yaml`` to ``default_root_dir`` and logs config and params to MLflow."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["save_to_log_dir"] = False
+        super().__init__(*args, **kwargs)
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Called on global rank 0 only, once per process."""
+        text = self.parser.dump(self.config, skip_none=False)
+        os.makedirs(trainer.default_root_dir, exist_ok=True)
+        path = os.path.join(trainer.default_root_dir, self.config_filename)
+        with open(path, "w") as handle:
+            handle.write(text)
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger):
+                config = self.parser.dump(self.config, skip_none=False, format="json")
+                import json
+
+                params = flatten_config(json.loads(config))
+                params.pop("config", None)
+                existing = logger.experiment.get_run(logger.run_id).data.params
+                # A resumed run already has its params; MLflow refuses to change a logged value.
+                fresh = {k: v for k, v in params.items() if k not in existing}
+                logger.log_hyperparams(fresh)
+                logger.experiment.log_text(logger.run_id, text, "config.yaml")

@@ -1,0 +1,65 @@
+"""The MAML inner update (Finn et al. 2017) on parameter dictionaries.
+
+Parameters are plain dicts of tensors so the ``nn.Parameter`` objects of the module stay the
+meta-parameters and the adapted ones are ordinary tensors in the same autograd graph. For a batch of
+task-agents, pass parameters stacked along a leading agent dimension (``theta.expand(K, ...)``) and a
+loss that sums the per-agent losses: agent ``k``'s loss depends only on slice ``k``, so one
+``autograd.grad`` call yields every agent's own gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Params = dict[str, torch.Tensor]
+
+
+def sgd_step(params: Params, grads: tuple[torch.Tensor, ...], inner_lr: float) -> Params:
+    """``theta' = theta - inner_lr * grad`` for every entry (same order as ``params``)."""
+    return {name: p - inner_lr * g for (name, p), g in zip(params.items(), grads)}
+
+
+def inner_update(
+    params: Params,
+    loss_fn: Callable[[Params], torch.Tensor],
+    inner_lr: float,
+    inner_steps: int,
+    first_order: bool,
+) -> Params:
+    """Adapt ``params`` with ``inner_steps`` steps of gradient descent on ``loss_fn``.
+
+    Second order (``first_order=False``) keeps the graph of every inner gradient
+    (``create_graph=True``), so an outer loss of the adapted parameters back-propagates through the
+    Hessian-vector products. First order treats the inner gradients as constants: the meta-gradient
+    is then the outer gradient evaluated at the adapted parameters (FOMAML).
+
+    Args:
+        params: name -> tensor; they must require grad (or descend from tensors that do).
+        loss_fn: maps a parameter dict to a scalar loss.
+        inner_lr: step size alpha (>= 0).
+        inner_steps: number of steps (>= 0; 0 returns ``params`` unchanged).
+        first_order: drop second-order terms.
+
+    Returns:
+        The adapted parameters, same keys and shapes.
+    """
+    if inner_steps < 0:
+        raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+    adapted = params
+    for _ in range(inner_steps):
+        loss = loss_fn(adapted)
+        grads = torch.autograd.grad(
+            loss, tuple(adapted.values()), create_graph=not first_order, allow_unused=True
+        )
+        grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(adapted.values(), grads))
+        if first_order:
+            grads = tuple(g.detach() for g in grads)
+        adapted = sgd_step(adapted, grads, inner_lr)
+    return adapted
+
+
+def stack_for_agents(params: Params, num_agents: int) -> Params:
+    """View every parameter as ``[num_agents, *shape]`` (no copy; gradients flow back summed)."""
+    return {name: p.unsqueeze(0).expand(num_agents, *p.shape) for name, p in params.items()}

@@ -1,0 +1,299 @@
+"""MetaTaskDataModule: the environments, the rollout collectors, and the stream of meta-batches.
+
+The DataLoader only says *which* tasks to run (and with what exploration noise); the rollouts
+themselves are collected inside ``training_step`` because the query rollouts need the adapted
+parameters. Tasks and noise of meta-iteration ``i`` are a pure function of ``(seed, i)``, so a
+resumed run samples exactly what the uninterrupted run would have, with no generator state to
+carry, and the global meta-batch is the same whatever the number of ranks: each rank takes its
+contiguous shard.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from typing import Any, Iterator
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from metarl_lightning.envs.base import TaskVectorEnv
+from metarl_lightning.envs.navigation import Navigation2DVectorEnv
+from metarl_lightning.errors import ConfigError, require
+from metarl_lightning.meta_batch import MetaBatch
+from metarl_lightning.rollouts import RolloutCollector
+
+NAV2D = "nav2d"
+METAWORLD_BENCHMARKS = ("MT1", "MT10", "MT50", "ML1", "ML10", "ML45")
+VALID_BENCHMARKS = (NAV2D, *METAWORLD_BENCHMARKS)
+_MT_CLASS_COUNT = {"MT1": 1, "MT10": 10, "MT50": 50}
+_METAWORLD_OBS_DIM, _METAWORLD_ACTION_DIM = 39, 4
+
+
+def _stream_seed(*parts: int | str) -> int:
+    """A 63-bit seed from a tuple, stable across processes (unlike ``hash``)."""
+    digest = np.random.SeedSequence([zlib.crc32(str(p).encode()) for p in parts]).generate_state(2, np.uint32)
+    return int(digest[0]) << 31 | int(digest[1]) >> 1
+
+
+class _MetaBatchStream(IterableDataset):
+    """``batches`` meta-batches of one split; the epoch is read from the trainer at iteration time."""
+
+    def __init__(self, datamodule: "MetaTaskDataModule", split: str, batches: int) -> None:
+        self.datamodule = datamodule
+        self.split = split
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[MetaBatch]:
+        trainer = self.datamodule.trainer
+        # Evaluation uses the same tasks every time so its curve compares like with like.
+        epoch = trainer.current_epoch if (trainer is not None and self.split == "train") else 0
+        for index in range(self.batches):
+            yield self.datamodule.meta_batch(self.split, epoch * self.batches + index)
+
+
+class MetaTaskDataModule(L.LightningDataModule):
+    """Meta-RL tasks: a benchmark, its train/test split, and the environments to run them in.
+
+    Args:
+        benchmark: ``nav2d`` (2-D point navigation, MAML paper) or a Meta-World benchmark:
+            MT1, MT10, MT50, ML1, ML10, ML45.
+        env_name: the environment of MT1/ML1 (e.g. ``reach-v3``); ignored otherwise.
+        meta_batch_size: task-agents per meta-iteration (over all ranks; must divide by the number
+            of ranks).
+        rollouts_per_task: trajectories per task for support and for query rollouts
+            (``--inner-batch-size`` of the original runner).
+        envs_per_task: parallel environments per task; must divide ``rollouts_per_task`` (each env
+            then runs ``rollouts_per_task / envs_per_task`` consecutive episodes). ``null``: one
+            env per trajectory for nav2d, 2 per task for Meta-World (memory).
+        max_episode_steps: horizon; ``null`` uses the benchmark's (nav2d 100, Meta-World 500).
+        meta_batches_per_epoch: meta-iterations per epoch.
+        num_eval_tasks: test tasks per evaluation (over all ranks); ``null``: ``meta_batch_size``.
+        eval_meta_batches: meta-batches of ``num_eval_tasks`` test tasks per evaluation.
+        num_env_workers: environment worker processes per rank; 0 steps in-process; ``null``: the
+            CPU cores available to this rank. Meta-World only (nav2d is one numpy array).
+        fast_envs: use the bit-identical fast Meta-World classes when the installed versions are
+            verified.
+        task_one_hot: append a one-hot task id to observations (MT benchmarks).
+        reset_state_on: ``episode`` (zero the recurrent state at every episode start) or ``trial``
+            (only when the task changes: memory across the episodes of one task).
+        seed: seeds tasks, exploration noise and simulators.
+        benchmark_cache_dir: where built Meta-World benchmarks are pickled (``null``: the default
+            ``~/.cache/metarl_lightning``).
+    """
+
+    def __init__(
+        self,
+        benchmark: str = NAV2D,
+        env_name: str | None = None,
+        meta_batch_size: int = 20,
+        rollouts_per_task: int = 10,
+        envs_per_task: int | None = None,
+        max_episode_steps: int | None = None,
+        meta_batches_per_epoch: int = 1,
+        num_eval_tasks: int | None = None,
+        eval_meta_batches: int = 1,
+        num_env_workers: int | None = None,
+        fast_envs: bool = True,
+        task_one_hot: bool = False,
+        reset_state_on: str = "episode",
+        seed: int = 0,
+        benchmark_cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        require(benchmark in VALID_BENCHMARKS, "data.benchmark", f"unknown {benchmark!r}; valid: {', '.join(VALID_BENCHMARKS)}")
+        if benchmark in ("MT1", "ML1"):
+            from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+
+            require(
+                env_name in ALL_V3_ENVIRONMENTS,
+                "data.env_name",
+                f"unknown {env_name!r} for {benchmark}; valid: {', '.join(sorted(ALL_V3_ENVIRONMENTS))}",
+            )
+        require(meta_batch_size >= 1, "data.meta_batch_size", f"must be >= 1, got {meta_batch_size}")
+        require(rollouts_per_task >= 1, "data.rollouts_per_task", f"must be >= 1, got {rollouts_per_task}")
+        if envs_per_task is None:
+            envs_per_task = rollouts_per_task if benchmark == NAV2D else min(2, rollouts_per_task)
+        require(
+            envs_per_task >= 1 and rollouts_per_task % envs_per_task == 0,
+            "data.envs_per_task",
+            f"must be >= 1 and divide rollouts_per_task={rollouts_per_task}, got {envs_per_task}",
+        )
+        if max_episode_steps is None:
+            max_episode_steps = 100 if benchmark == NAV2D else 500
+        require(max_episode_steps >= 1, "data.max_episode_steps", f"must be >= 1, got {max_episode_steps}")
+        require(meta_batches_per_epoch >= 1, "data.meta_batches_per_epoch", f"must be >= 1, got {meta_batches_per_epoch}")
+        num_eval_tasks = meta_batch_size if num_eval_tasks is None else num_eval_tasks
+        require(num_eval_tasks >= 1, "data.num_eval_tasks", f"must be >= 1, got {num_eval_tasks}")
+        require(eval_meta_batches >= 1, "data.eval_meta_batches", f"must be >= 1, got {eval_meta_batches}")
+        require(num_env_workers is None or num_env_workers >= 0, "data.num_env_workers", f"must be >= 0 or null, got {num_env_workers}")
+        require(reset_state_on in ("episode", "trial"), "data.reset_state_on", f"unknown {reset_state_on!r}; valid: episode, trial")
+        self.save_hyperparameters()
+        self.benchmark = benchmark
+        self.env_name = env_name
+        self.meta_batch_size = meta_batch_size
+        self.rollouts_per_task = rollouts_per_task
+        self.envs_per_task = envs_per_task
+        self.max_episode_steps = max_episode_steps
+        self.meta_batches_per_epoch = meta_batches_per_epoch
+        self.num_eval_tasks = num_eval_tasks
+        self.eval_meta_batches = eval_meta_batches
+        self.num_env_workers = num_env_workers
+        self.fast_envs = fast_envs
+        self.task_one_hot = task_one_hot
+        self.reset_state_on = reset_state_on
+        self.seed = seed
+        self.benchmark_cache_dir = benchmark_cache_dir
+        self._bench: Any = None
+        self._envs: dict[str, TaskVectorEnv] = {}
+        self._collectors: dict[str, RolloutCollector] = {}
+        self._rank, self._world_size = 0, 1
+
+    # ------------------------------------------------------------------------------ static shapes
+    @property
+    def observation_dim(self) -> int:
+        """Observation size, known before any env is built (linked into ``model.policy``)."""
+        if self.benchmark == NAV2D:
+            return Navigation2DVectorEnv.observation_dim
+        extra = 0
+        if self.task_one_hot:
+            require(self.benchmark.startswith("MT"), "data.task_one_hot", "only for MT benchmarks (ML test classes are unseen)")
+            extra = _MT_CLASS_COUNT[self.benchmark]
+        return _METAWORLD_OBS_DIM + extra
+
+    @property
+    def action_dim(self) -> int:
+        """Action size (linked into ``model.policy``)."""
+        return Navigation2DVectorEnv.action_dim if self.benchmark == NAV2D else _METAWORLD_ACTION_DIM
+
+    @property
+    def rollout_steps(self) -> int:
+        """Steps per env in one support (or query) rollout: whole episodes."""
+        return (self.rollouts_per_task // self.envs_per_task) * self.max_episode_steps
+
+    # ----------------------------------------------------------------------------------- building
+    def setup(self, stage: str) -> None:
+        """Build the environments of this rank (once per process; later calls reuse them)."""
+        trainer = self.trainer
+        self._rank = trainer.global_rank if trainer is not None else 0
+        self._world_size = trainer.world_size if trainer is not None else 1
+        for field, size in (("data.meta_batch_size", self.meta_batch_size), ("data.num_eval_tasks", self.num_eval_tasks)):
+            require(
+                size % self._world_size == 0,
+                field,
+                f"{size} does not divide over {self._world_size} ranks (devices x nodes); use a multiple of {self._world_size}",
+            )
+        if self.benchmark != NAV2D and self._bench is None:
+            from metarl_lightning.envs.benchmarks import make_benchmark
+
+            try:
+                self._bench = make_benchmark(self.benchmark, self.env_name, seed=self.seed, cache_dir=self.benchmark_cache_dir)
+            except ValueError as error:  # the benchmark module names the field itself
+                raise ConfigError(f"data.{error}") from error
+        if stage == "fit":
+            self._build("train", self.meta_batch_size)
+        self._build("test", self.num_eval_tasks)
+
+    def _workers(self) -> int:
+        if self.num_env_workers is not None:
+            return self.num_env_workers
+        local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", self._world_size)))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores // local_ranks)
+
+    def _build(self, split: str, global_agents: int) -> None:
+        if split in self._envs:
+            return
+        agents = global_agents // self._world_size
+        if self.benchmark == NAV2D:
+            env: TaskVectorEnv = Navigation2DVectorEnv(agents, self.envs_per_task, self.max_episode_steps)
+        else:
+            from metarl_lightning.envs.workers import MetaWorldVectorEnv
+
+            workers = self._workers()
+            # Tiny matmuls slow down many-fold when torch's threads fight env workers for 2 cores.
+            if workers > 0:
+                torch.set_num_threads(1)
+            classes = self._bench.slot_classes(split, global_agents)
+            env = MetaWorldVectorEnv(
+                self._bench,
+                split,
+                num_agents=agents,
+                envs_per_agent=self.envs_per_task,
+                num_workers=workers,
+                max_episode_steps=self.max_episode_steps,
+                seed=self.seed + 100_003 * self._rank + (0 if split == "train" else 50_021),
+                fast=self.fast_envs,
+                task_one_hot=self.task_one_hot,
+                agent_classes=classes[self._rank * agents : (self._rank + 1) * agents],
+            )
+        self._envs[split] = env
+        self._collectors[split] = RolloutCollector(env, reset_state_on=self.reset_state_on)
+
+    @property
+    def train_collector(self) -> RolloutCollector:
+        """Collector over the training tasks' environments."""
+        return self._collectors["train"]
+
+    @property
+    def eval_collector(self) -> RolloutCollector:
+        """Collector over the test tasks' environments."""
+        return self._collectors["test"]
+
+    @property
+    def benchmark_info(self) -> Any:
+        """The built Meta-World benchmark (``None`` for nav2d)."""
+        return self._bench
+
+    # ------------------------------------------------------------------------------- meta-batches
+    def global_tasks(self, split: str, iteration: int) -> list[Any]:
+        """All tasks of meta-iteration ``iteration`` over every rank (a pure function of the seed)."""
+        size = self.meta_batch_size if split == "train" else self.num_eval_tasks
+        rng = np.random.default_rng(_stream_seed(self.seed, split, iteration, "tasks"))
+        if self.benchmark == NAV2D:
+            return Navigation2DVectorEnv.sample_tasks(size, rng)
+        return self._bench.sample_tasks(split, size, rng)
+
+    def meta_batch(self, split: str, iteration: int) -> MetaBatch:
+        """This rank's shard of meta-iteration ``iteration``: tasks and exploration noise."""
+        tasks = self.global_tasks(split, iteration)
+        agents = len(tasks) // self._world_size
+        shard = slice(self._rank * agents, (self._rank + 1) * agents)
+        generator = torch.Generator().manual_seed(_stream_seed(self.seed, split, iteration, "noise"))
+        shape = (len(tasks), self.envs_per_task, self.rollout_steps, self.action_dim)
+        support_noise = torch.randn(shape, generator=generator)[shard]
+        query_noise = torch.randn(shape, generator=generator)[shard]
+        return MetaBatch(iteration, split, tasks[shard], support_noise, query_noise)
+
+    def train_dataloader(self) -> DataLoader:
+        """``meta_batches_per_epoch`` training meta-batches per epoch."""
+        return DataLoader(_MetaBatchStream(self, "train", self.meta_batches_per_epoch), batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        """``eval_meta_batches`` meta-batches of held-out (test-split) tasks, the same every time."""
+        return DataLoader(_MetaBatchStream(self, "test", self.eval_meta_batches), batch_size=None)
+
+    def test_dataloader(self) -> DataLoader:
+        """Same tasks as validation."""
+        return self.val_dataloader()
+
+    def teardown(self, stage: str) -> None:
+        """Close worker processes and simulators."""
+        for env in self._envs.values():
+            env.close()
+        self._envs.clear()
+        self._collectors.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What decides the task stream; checked on resume (the stream itself is stateless)."""
+        return {"seed": self.seed, "benchmark": self.benchmark, "env_name": self.env_name, "meta_batch_size": self.meta_batch_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse to resume into a different task stream: it would not be the same run."""
+        for key, value in state_dict.items():
+            require(getattr(self, key) == value, f"data.{key}", f"checkpoint was made with {value!r}, config has {getattr(self, key)!r}")

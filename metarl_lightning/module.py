@@ -1,0 +1,253 @@
+"""MetaRLModule: MAML + PPO meta-training of an actor-critic policy, with manual optimisation.
+
+One ``training_step`` is one meta-iteration (see DESIGN.md, "One meta-iteration"):
+
+1. support rollouts of every task-agent with the meta-parameters theta (no grad);
+2. inner update per agent, theta_k' = theta - alpha * grad L_ppo(theta; support_k);
+3. query rollouts of every agent with its own theta_k' (no grad);
+4. ``ppo_epochs`` outer updates: recompute theta_k' from theta (with graph, first- or second-order),
+   PPO loss of the query data under theta_k', backward, all-reduce across ranks, clip, step.
+
+The environments and the collector belong to the data module; the module reaches them through
+``self.trainer.datamodule`` because the query rollouts need the adapted parameters, which only
+exist inside the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from metarl_lightning.algorithms.maml import inner_update, stack_for_agents
+from metarl_lightning.algorithms.ppo import PPOLoss
+from metarl_lightning.errors import require
+from metarl_lightning.meta_batch import MetaBatch
+from metarl_lightning.objectives import PPOSettings, agents_ppo_loss
+from metarl_lightning.policies.base import ActorCritic
+from metarl_lightning.rollouts import Rollout, RolloutCollector
+
+
+class MetaRLModule(L.LightningModule):
+    """MAML + PPO meta-learner.
+
+    Args:
+        policy: the actor-critic (chosen in YAML by ``class_path``; observation and action sizes are
+            linked from the data module).
+        meta_lr: Adam learning rate of the outer (meta) update.
+        inner_lr: step size alpha of the inner (adaptation) update.
+        inner_steps: inner gradient steps per task; 0 turns MAML off (plain multi-task PPO).
+        first_order: drop second-order terms of the meta-gradient (FOMAML).
+        gamma: discount factor.
+        gae_lambda: GAE lambda.
+        clip_epsilon: PPO ratio clip range (inner and outer loss).
+        ppo_epochs: outer PPO updates per meta-iteration on the same query data.
+        value_coef: weight of the value loss.
+        entropy_coef: weight of the entropy bonus.
+        value_clip_epsilon: clip range of the value loss (``null``: unclipped).
+        max_grad_norm: global norm the meta-gradient is clipped to (``null``: no clipping).
+        ssm_lr: learning rate of the SSM parameters (``null``: ``meta_lr``), as the S4/S5 recipes do.
+        weight_decay: AdamW weight decay of the non-SSM parameters (SSM parameters get none).
+    """
+
+    def __init__(
+        self,
+        policy: ActorCritic,
+        meta_lr: float = 3e-4,
+        inner_lr: float = 0.1,
+        inner_steps: int = 1,
+        first_order: bool = False,
+        gamma: float = 0.99,
+        gae_lambda: float = 0.95,
+        clip_epsilon: float = 0.2,
+        ppo_epochs: int = 4,
+        value_coef: float = 0.5,
+        entropy_coef: float = 0.0,
+        value_clip_epsilon: float | None = None,
+        max_grad_norm: float | None = 1.0,
+        ssm_lr: float | None = None,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        require(meta_lr > 0, "model.meta_lr", f"must be > 0, got {meta_lr}")
+        require(inner_lr >= 0, "model.inner_lr", f"must be >= 0, got {inner_lr}")
+        require(inner_steps >= 0, "model.inner_steps", f"must be >= 0, got {inner_steps}")
+        require(0 <= gamma <= 1, "model.gamma", f"must be in [0, 1], got {gamma}")
+        require(0 <= gae_lambda <= 1, "model.gae_lambda", f"must be in [0, 1], got {gae_lambda}")
+        require(clip_epsilon > 0, "model.clip_epsilon", f"must be > 0, got {clip_epsilon}")
+        require(ppo_epochs >= 1, "model.ppo_epochs", f"must be >= 1, got {ppo_epochs}")
+        require(value_coef >= 0, "model.value_coef", f"must be >= 0, got {value_coef}")
+        require(entropy_coef >= 0, "model.entropy_coef", f"must be >= 0, got {entropy_coef}")
+        require(max_grad_norm is None or max_grad_norm > 0, "model.max_grad_norm", f"must be > 0 or null, got {max_grad_norm}")
+        require(ssm_lr is None or ssm_lr > 0, "model.ssm_lr", f"must be > 0 or null, got {ssm_lr}")
+        require(weight_decay >= 0, "model.weight_decay", f"must be >= 0, got {weight_decay}")
+        self.save_hyperparameters(ignore=["policy"])
+        self.automatic_optimization = False
+        self.policy = policy
+        self.ppo = PPOSettings(clip_epsilon, value_coef, entropy_coef, value_clip_epsilon)
+        # Counted here (not derived) so it survives resume and changes of the rollout size.
+        self.register_buffer("env_steps", torch.zeros((), dtype=torch.long), persistent=True)
+
+    # ----------------------------------------------------------------------------------- optimiser
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW with the SSM parameters in their own group (own lr, no weight decay)."""
+        named = dict(self.policy.named_parameters())
+        groups = []
+        for group_name, names in self.policy.parameter_groups().items():
+            if not names:
+                continue
+            is_ssm = group_name == "ssm"
+            groups.append(
+                {
+                    "name": group_name,
+                    "params": [named[n] for n in names],
+                    "lr": (self.hparams.ssm_lr or self.hparams.meta_lr) if is_ssm else self.hparams.meta_lr,
+                    "weight_decay": 0.0 if is_ssm else self.hparams.weight_decay,
+                }
+            )
+        return torch.optim.AdamW(groups, lr=self.hparams.meta_lr)
+
+    # ----------------------------------------------------------------------------------- the step
+    def _meta_parameters(self) -> dict[str, torch.Tensor]:
+        return dict(self.policy.named_parameters())
+
+    def _adapt(self, params: dict[str, torch.Tensor], support: Rollout, first_order: bool) -> dict[str, torch.Tensor]:
+        """theta_k' for every agent; ``params`` are stacked ``[K, ...]``."""
+        num_agents = support.rewards.shape[0]
+
+        def inner_loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            # Sum of per-agent losses: slice k of the gradient is agent k's own gradient.
+            return num_agents * agents_ppo_loss(self.policy, p, support, self.ppo).total
+
+        return inner_update(params, inner_loss, self.hparams.inner_lr, self.hparams.inner_steps, first_order)
+
+    def _collect(self, collector: RolloutCollector, params: dict[str, torch.Tensor], noise: torch.Tensor, num_steps: int) -> Rollout:
+        rollout = collector.collect(self.policy, {k: v.detach() for k, v in params.items()}, num_steps, noise)
+        rollout.compute_advantages(self.hparams.gamma, self.hparams.gae_lambda)
+        return rollout
+
+    def adapt_and_collect(self, batch: MetaBatch, collector: RolloutCollector, num_steps: int) -> tuple[Rollout, Rollout]:
+        """Support rollouts with theta, per-agent adaptation, query rollouts with theta_k'.
+
+        Used by training and by evaluation (where the query rollouts measure adapted performance).
+        """
+        collector.env.set_tasks(batch.tasks)
+        theta = stack_for_agents(self._meta_parameters(), batch.num_agents)
+        support = self._collect(collector, theta, batch.support_noise, num_steps)
+        with torch.enable_grad():
+            # First order suffices to *act* with theta_k'; the graph is rebuilt in the update.
+            leaf = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
+            adapted = self._adapt(leaf, support, first_order=True)
+        query = self._collect(collector, adapted, batch.query_noise, num_steps)
+        return support, query
+
+    def training_step(self, batch: MetaBatch, batch_idx: int) -> None:
+        """One meta-iteration (module docstring)."""
+        datamodule = self.trainer.datamodule
+        started = time.perf_counter()
+        support, query = self.adapt_and_collect(batch, datamodule.train_collector, datamodule.rollout_steps)
+        collect_seconds = time.perf_counter() - started
+
+        optimizer = self.optimizers()
+        losses: list[PPOLoss] = []
+        grad_norms: list[torch.Tensor] = []
+        for _ in range(self.hparams.ppo_epochs):
+            theta = stack_for_agents(self._meta_parameters(), batch.num_agents)
+            adapted = self._adapt(theta, support, first_order=self.hparams.first_order)
+            loss = agents_ppo_loss(self.policy, adapted, query, self.ppo)
+            optimizer.zero_grad(set_to_none=True)
+            with self._no_backward_sync():
+                self.manual_backward(loss.total)
+            self._all_reduce_gradients()
+            grad_norms.append(self._clip_gradients())
+            optimizer.step()
+            losses.append(loss)
+
+        world = self.trainer.world_size
+        steps_this_iteration = (support.num_steps + query.num_steps) * world
+        self.env_steps += steps_this_iteration
+        elapsed = time.perf_counter() - started
+        first, last = losses[0], losses[-1]
+        metrics = {
+            "train/pre_adaptation_return": support.episode_return.mean(),
+            "train/post_adaptation_return": query.episode_return.mean(),
+            "train/pre_adaptation_success": support.episode_success.mean(),
+            "train/post_adaptation_success": query.episode_success.mean(),
+            "train/meta_loss": first.total.detach(),
+            "train/policy_loss": first.policy.detach(),
+            "train/value_loss": first.value.detach(),
+            "train/entropy": first.entropy.detach(),
+            "train/approx_kl": last.approx_kl,
+            "train/clip_fraction": last.clip_fraction,
+            "train/grad_norm": torch.stack(grad_norms).mean(),
+        }
+        self.log_dict(metrics, on_step=True, on_epoch=True, sync_dist=world > 1)
+        self.log("train/env_steps", self.env_steps.to(torch.float32), on_step=True, on_epoch=False, rank_zero_only=True)
+        self.log("train/env_steps_per_s", steps_this_iteration / elapsed, on_step=True, on_epoch=False, rank_zero_only=True)
+        self.log("train/collect_fraction", collect_seconds / elapsed, on_step=True, on_epoch=False, rank_zero_only=True)
+        # Shown in the progress bar (the callbacks' bar reads these).
+        self.log("post_return", query.episode_return.mean(), prog_bar=True, on_step=True, on_epoch=False, sync_dist=world > 1)
+        self.log("steps_per_s", steps_this_iteration / elapsed, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    # ------------------------------------------------------------------------ distributed helpers
+    def _no_backward_sync(self) -> contextlib.AbstractContextManager:
+        """Keep DDP's reducer out of the backward: it does not sync grad-of-grad (pytorch#47562).
+
+        The meta-gradient is computed locally and all-reduced once by :meth:`_all_reduce_gradients`,
+        which is right for first and second order alike.
+        """
+        strategy = self.trainer.strategy
+        block = getattr(strategy, "block_backward_sync", None)
+        return block() if callable(block) and self.trainer.world_size > 1 else contextlib.nullcontext()
+
+    def _all_reduce_gradients(self) -> None:
+        """Average the meta-gradient over ranks with one flattened all-reduce."""
+        if self.trainer.world_size <= 1:
+            return
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        flat /= self.trainer.world_size
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+
+    def _clip_gradients(self) -> torch.Tensor:
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        max_norm = self.hparams.max_grad_norm
+        if max_norm is None:
+            return torch.norm(torch.stack([p.grad.norm() for p in params]))
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    # ---------------------------------------------------------------------------------- evaluation
+    def _evaluate(self, batch: MetaBatch, prefix: str) -> None:
+        datamodule = self.trainer.datamodule
+        with torch.enable_grad():
+            support, query = self.adapt_and_collect(batch, datamodule.eval_collector, datamodule.rollout_steps)
+        world = self.trainer.world_size
+        metrics = {
+            f"{prefix}/pre_adaptation_return": support.episode_return.mean(),
+            f"{prefix}/post_adaptation_return": query.episode_return.mean(),
+            f"{prefix}/pre_adaptation_success": support.episode_success.mean(),
+            f"{prefix}/post_adaptation_success": query.episode_success.mean(),
+        }
+        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=world > 1, batch_size=batch.num_agents)
+
+    def validation_step(self, batch: MetaBatch, batch_idx: int) -> None:
+        """Adapt to held-out (test-split) tasks and log pre/post-adaptation return and success."""
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: MetaBatch, batch_idx: int) -> None:
+        """Same as validation, logged under ``test/``."""
+        self._evaluate(batch, "test")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the policy class so a checkpoint says what it holds."""
+        checkpoint["policy_class"] = f"{type(self.policy).__module__}.{type(self.policy).__qualname__}"

@@ -1,0 +1,67 @@
+"""The PPO objective of a batch of task-agents, evaluated with per-agent parameters.
+
+Both the MAML inner loss (on support rollouts) and the outer loss (on query rollouts) are this one
+function; only the parameters and the data differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from metarl_lightning.algorithms.ppo import PPOLoss, gaussian_entropy, gaussian_log_prob, ppo_loss
+from metarl_lightning.policies.base import ActorCritic
+from metarl_lightning.policies.functional import batched_policy_forward
+from metarl_lightning.rollouts import Rollout
+
+
+@dataclass(frozen=True)
+class PPOSettings:
+    """Coefficients of the PPO objective.
+
+    Attributes:
+        clip_epsilon: ratio clip range.
+        value_coef: weight of the value loss.
+        entropy_coef: weight of the entropy bonus.
+        value_clip_epsilon: clip range of the value loss; ``None`` for the plain squared error.
+    """
+
+    clip_epsilon: float = 0.2
+    value_coef: float = 0.5
+    entropy_coef: float = 0.0
+    value_clip_epsilon: float | None = None
+
+
+def agents_ppo_loss(
+    policy: ActorCritic, stacked_params: dict[str, torch.Tensor], rollout: Rollout, settings: PPOSettings
+) -> PPOLoss:
+    """PPO loss of ``K`` agents on their own rollouts, averaged over agents.
+
+    Every agent has the same number of samples, so the global mean equals the mean of the per-agent
+    means, and ``K * loss.total`` has agent ``k``'s own loss gradient in slice ``k`` of the stacked
+    parameters (what the MAML inner step needs). Advantages are normalised per agent.
+
+    Args:
+        policy: the architecture.
+        stacked_params: name -> ``[K, *shape]``.
+        rollout: ``[K, E, T, ...]`` experience with advantages computed.
+        settings: PPO coefficients.
+    """
+    out = batched_policy_forward(policy, stacked_params, rollout.observations, rollout.initial_state, rollout.resets)
+    log_probs = gaussian_log_prob(out.mean, out.log_std, rollout.actions)  # (K, E, T)
+    entropy = gaussian_entropy(out.log_std, out.mean)  # (K, E, T)
+    return ppo_loss(
+        log_probs=log_probs,
+        old_log_probs=rollout.log_probs,
+        advantages=rollout.normalized_advantages(),
+        values=out.value,
+        returns=rollout.returns,
+        entropy=entropy,
+        clip_epsilon=settings.clip_epsilon,
+        value_coef=settings.value_coef,
+        entropy_coef=settings.entropy_coef,
+        old_values=rollout.values,
+        value_clip_epsilon=settings.value_clip_epsilon,
+        normalize=False,
+    )

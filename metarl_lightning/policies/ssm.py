@@ -1,0 +1,223 @@
+"""S5-style diagonal state-space layer: parallel scan for training, O(1) step for rollouts.
+
+Smith et al. 2023 (S5) with the episode-reset scan of Lu et al. 2023 (S5 for in-context RL). The
+continuous system ``x' = Lambda x + B u``, ``y = C x + D u`` has a complex diagonal ``Lambda`` whose
+real part is negative by construction (``Re = -exp(.)``), so every discretisation is stable. The
+state is kept for one member of each conjugate pair only; the other member is its conjugate, so the
+output is ``2 Re(C x) + D u`` and the real-valued system is preserved with half the state.
+
+Discretisation is zero-order hold with a learnable per-mode log step size::
+
+    Lambda_bar = exp(Lambda * dt),    B_bar = (Lambda_bar - 1) / Lambda * B
+
+The sequence recurrence ``x_t = a_t x_{t-1} + B_bar u_t`` with ``a_t = Lambda_bar * (1 - reset_t)``
+is associative in ``(a, b)`` pairs, so :func:`parallel_scan` evaluates it in ``O(log T)`` depth and
+``O(T)`` work with plain torch ops (vmap-compatible and twice differentiable, as MAML needs).
+
+The recurrent state leaves the layer as a real tensor ``(B, N, 2)`` (real and imaginary parts in the
+last dim) so collectors can store it like any other float tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def _mul_keep(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``x * keep`` where ``keep`` is an optional real 0/1 mask; ``None`` means all ones."""
+    return x if keep is None else x * keep
+
+
+def parallel_scan(
+    lam_bar: torch.Tensor, b: torch.Tensor, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """All prefix states of ``x_t = lam_bar * keep_t * x_{t-1} + b_t`` with ``x_{-1} = 0``.
+
+    A recursive (Blelloch-style) even/odd scan: neighbouring steps are combined pairwise with the
+    associative operator ``(a1, b1) o (a2, b2) = (a2 a1, a2 b1 + b2)``, the half-length problem is
+    solved recursively, and the even positions are filled in from it. ``a_t`` is never
+    materialised: a segment of ``2^k`` steps has ``a = lam_bar^(2^k) * prod(keep)``, so only the
+    per-mode power (``(N,)``) and the per-step real mask (``(..., T, 1)``) are carried; that keeps
+    the memory traffic to the ``b`` tensor alone. All ops are out of place.
+
+    Args:
+        lam_bar: discrete state matrix diagonal, ``(N,)`` complex.
+        b: inputs ``B_bar u_t`` (with any initial state already folded into step 0),
+            ``(..., T, N)`` complex.
+        keep: ``1 - reset`` as a real mask ``(..., T, 1)``, or ``None`` when nothing resets.
+
+    Returns:
+        States ``x_t`` for every step, ``(..., T, N)``.
+    """
+    length = b.shape[-2]
+    if length == 1:
+        return b
+    if length % 2:
+        # Pad one trailing step; padding at the end cannot affect earlier prefixes.
+        b = torch.cat([b, torch.zeros_like(b[..., :1, :])], dim=-2)
+        if keep is not None:
+            keep = torch.cat([keep, torch.ones_like(keep[..., :1, :])], dim=-2)
+    half = b.shape[-2] // 2
+    # unbind, not indexing: its backward stacks instead of zero-filling full-size grads.
+    b_even, b_odd = b.unflatten(-2, (half, 2)).unbind(-2)  # (..., T/2, N) each
+    if keep is None:
+        k_even = k_odd = k_pair = None
+    else:
+        k_even, k_odd = keep.unflatten(-2, (half, 2)).unbind(-2)  # (..., T/2, 1) each
+        k_pair = k_even * k_odd
+    # Combined segment (even, odd): a = a_odd a_even, b = a_odd b_even + b_odd.
+    b_comb = lam_bar * _mul_keep(b_even, k_odd) + b_odd  # (..., T/2, N)
+    x_odd = parallel_scan(lam_bar * lam_bar, b_comb, k_pair)  # (..., T/2, N)
+    # Even step j continues from the odd prefix j - 1 (zero before the start).
+    x_prev = torch.cat([torch.zeros_like(x_odd[..., :1, :]), x_odd[..., :-1, :]], dim=-2)
+    x_even = lam_bar * _mul_keep(x_prev, k_even) + b_even  # (..., T/2, N)
+    x = torch.stack([x_even, x_odd], dim=-2).flatten(-3, -2)  # (..., T', N)
+    return x[..., :length, :]
+
+
+def sequential_scan(
+    lam_bar: torch.Tensor, b: torch.Tensor, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Reference loop for :func:`parallel_scan` (same contract); the oracle in tests and benchmarks."""
+    # unbind (not b[..., t, :]) so backward stacks the step grads instead of building T
+    # full-size zero tensors; this keeps the reference an honest baseline for benchmarks.
+    b_steps = b.unbind(-2)  # T x (..., N)
+    a_steps = [lam_bar] * len(b_steps) if keep is None else (lam_bar * keep).unbind(-2)
+    x = torch.zeros_like(b_steps[0])  # (..., N)
+    states = []
+    for a_t, b_t in zip(a_steps, b_steps):
+        x = a_t * x + b_t
+        states.append(x)
+    return torch.stack(states, dim=-2)  # (..., T, N)
+
+
+def to_complex(state: torch.Tensor) -> torch.Tensor:
+    """``(..., N, 2)`` real/imag float -> ``(..., N)`` complex."""
+    return torch.complex(state[..., 0], state[..., 1])
+
+
+def to_real(state: torch.Tensor) -> torch.Tensor:
+    """``(..., N)`` complex -> ``(..., N, 2)`` real/imag float."""
+    return torch.stack([state.real, state.imag], dim=-1)
+
+
+class S5(nn.Module):
+    """Diagonal complex SSM layer mapping ``(B, T, H)`` to ``(B, T, H)``.
+
+    Args:
+        d_model: channels ``H`` of input and output.
+        state_dim: state size ``P`` of the real system; ``P / 2`` complex modes are stored (the
+            other half are their conjugates). Must be even.
+        dt_min: smallest initial step size.
+        dt_max: largest initial step size (log-uniform in between, as S4/S5).
+        scan: ``"parallel"`` (log-depth) or ``"sequential"`` (reference loop; for benchmarks).
+
+    Attributes (the ``ssm`` optimiser group is ``log_neg_lambda_real``, ``lambda_imag``,
+    ``log_step``, ``B``; S5 trains these with its own learning rate and no weight decay):
+        log_neg_lambda_real: ``(N,)``; ``Re(Lambda) = -exp(.)`` keeps every mode stable.
+        lambda_imag: ``(N,)``, ``Im(Lambda)``.
+        log_step: ``(N,)``, log of the ZOH step size per mode.
+        B: ``(N, H, 2)`` complex input matrix as real/imag.
+        C: ``(H, N, 2)`` complex output matrix as real/imag.
+        D: ``(H,)`` real feed-through.
+    """
+
+    ssm_parameter_names = ("log_neg_lambda_real", "lambda_imag", "log_step", "B")
+
+    def __init__(
+        self,
+        d_model: int,
+        state_dim: int = 64,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        scan: str = "parallel",
+    ) -> None:
+        super().__init__()
+        if state_dim % 2:
+            raise ValueError(f"state_dim must be even (conjugate pairs), got {state_dim}")
+        if scan not in ("parallel", "sequential"):
+            raise ValueError(f"scan must be 'parallel' or 'sequential', got {scan!r}")
+        self.d_model = d_model
+        self.num_modes = n = state_dim // 2
+        self.scan = scan
+        # S4D-Lin initialisation: Lambda_n = -1/2 + i pi n (a diagonal approximation of HiPPO-LegS
+        # that covers a range of frequencies).
+        self.log_neg_lambda_real = nn.Parameter(torch.full((n,), math.log(0.5)))
+        self.lambda_imag = nn.Parameter(math.pi * torch.arange(n, dtype=torch.float32))
+        log_dt = torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        self.log_step = nn.Parameter(log_dt)
+        # Variance-preserving for a complex matmul: each of re/im carries half the variance.
+        self.B = nn.Parameter(torch.randn(n, d_model, 2) / math.sqrt(2 * d_model))
+        self.C = nn.Parameter(torch.randn(d_model, n, 2) / math.sqrt(2 * n))
+        self.D = nn.Parameter(torch.randn(d_model))
+
+    def discretize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """ZOH discretisation.
+
+        Returns:
+            ``lam_bar`` ``(N,)`` complex and ``b_bar`` ``(N, H)`` complex.
+        """
+        lam = torch.complex(-torch.exp(self.log_neg_lambda_real), self.lambda_imag)  # (N,)
+        dt = torch.exp(self.log_step)  # (N,)
+        lam_bar = torch.exp(lam * dt)  # (N,)
+        b_bar = ((lam_bar - 1.0) / lam).unsqueeze(-1) * to_complex(self.B)  # (N, H)
+        return lam_bar, b_bar
+
+    def _input(self, u: torch.Tensor, b_bar: torch.Tensor) -> torch.Tensor:
+        """``B_bar u`` as complex ``(..., N)`` from real ``u`` ``(..., H)`` via one real matmul."""
+        w = to_real(b_bar).permute(1, 0, 2).flatten(1)  # (H, 2N), laid out (N, 2)
+        return to_complex((u @ w).unflatten(-1, (self.num_modes, 2)))  # (..., N)
+
+    def _output(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``2 Re(C x) + D u`` (conjugate symmetry) via one real matmul; ``x`` ``(..., N)``."""
+        # Re(C x) = C_re x_re - C_im x_im: stack the weights to match to_real(x)'s (N, 2) layout.
+        w = torch.stack([self.C[..., 0], -self.C[..., 1]], dim=-1).flatten(1)  # (H, 2N)
+        return 2.0 * (to_real(x).flatten(-2) @ w.T) + self.D * u  # (..., H)
+
+    def forward(
+        self,
+        u: torch.Tensor,
+        h0: torch.Tensor | None = None,
+        resets: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run over a whole sequence (possibly spanning several episodes).
+
+        Args:
+            u: inputs, ``(B, T, H)``.
+            h0: state before step 0, ``(B, N, 2)`` real/imag; ``None`` means zeros.
+            resets: ``(B, T)`` bool; ``resets[b, t]`` zeroes the state before step ``t``.
+
+        Returns:
+            ``y`` ``(B, T, H)`` and the state after the last step ``(B, N, 2)``.
+        """
+        lam_bar, b_bar = self.discretize()
+        b = self._input(u, b_bar)  # (B, T, N)
+        keep = None if resets is None else (~resets).to(u.dtype).unsqueeze(-1)  # (B, T, 1)
+        if h0 is not None:
+            # Fold the initial state into step 0: x_0 = a_0 h0 + b_0.
+            carried = lam_bar * _mul_keep(to_complex(h0), None if keep is None else keep[:, 0])
+            b = torch.cat([(b[:, 0] + carried).unsqueeze(1), b[:, 1:]], dim=1)  # (B, T, N)
+        scan = parallel_scan if self.scan == "parallel" else sequential_scan
+        x = scan(lam_bar, b, keep)  # (B, T, N)
+        return self._output(x, u), to_real(x[:, -1])
+
+    def step(self, u_t: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One recurrent step (rollouts); reset by passing a zeroed ``h``.
+
+        Args:
+            u_t: input, ``(B, H)``.
+            h: state, ``(B, N, 2)`` real/imag.
+
+        Returns:
+            ``y_t`` ``(B, H)`` and the next state ``(B, N, 2)``.
+        """
+        lam_bar, b_bar = self.discretize()
+        x = lam_bar * to_complex(h) + self._input(u_t, b_bar)  # (B, N)
+        return self._output(x, u_t), to_real(x)
+
+    def initial_state(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
+        """Zero state ``(batch_size, N, 2)``."""
+        return torch.zeros(batch_size, self.num_modes, 2, device=device, dtype=self.B.dtype)
