@@ -39,9 +39,11 @@ def bench_construction(names: tuple[str, ...], seed: int) -> list[dict]:
             start = time.perf_counter()
             make_benchmark(name, env_name, seed=seed, cache_dir=cache_dir)  # loads the pickle
             cached = time.perf_counter() - start
-            size = sum(os.path.getsize(os.path.join(cache_dir, f)) for f in os.listdir(cache_dir) if f.startswith(f"{name}-"))
-            rows.append({"benchmark": name, "cold_s": round(cold, 2), "cached_ms": round(cached * 1e3, 2), "cache_kB": size // 1024})
-            print(f"{name:5s} build {cold:7.2f} s   cached load {cached * 1e3:7.2f} ms   ({size // 1024} kB)", flush=True)
+            files = [f for f in os.listdir(cache_dir) if f.startswith(f"{name}-")]
+            kb = sum(os.path.getsize(os.path.join(cache_dir, f)) for f in files) // 1024
+            rows.append({"benchmark": name, "cold_s": round(cold, 2), "cached_ms": round(cached * 1e3, 2)})
+            rows[-1]["cache_kB"] = kb
+            print(f"{name:5s} build {cold:7.2f} s   cached load {cached * 1e3:7.2f} ms   ({kb} kB)", flush=True)
     return rows
 
 
@@ -53,7 +55,13 @@ def _steps_per_second(env: MetaWorldVectorEnv, actions: np.ndarray) -> float:
 
 
 def bench_stepping(
-    benchmark: str, num_agents: int, envs_per_agent: int, num_workers: int, steps: int, repeats: int, fast: bool
+    benchmark: str,
+    num_agents: int,
+    envs_per_agent: int,
+    num_workers: int,
+    steps: int,
+    repeats: int,
+    fast: bool,
 ) -> dict:
     """Steps/s of ``num_workers`` worker processes vs in-process stepping of the same envs."""
     env_name = SINGLE_ENV if benchmark in ("MT1", "ML1") else None
@@ -63,10 +71,11 @@ def bench_stepping(
     actions = np.random.default_rng(0).uniform(-1, 1, (steps, n, 4)).astype(np.float32)
 
     start = time.perf_counter()
-    local = MetaWorldVectorEnv(bench, "train", num_agents, envs_per_agent, num_workers=0, fast=fast)
+    layout = (bench, "train", num_agents, envs_per_agent)
+    local = MetaWorldVectorEnv(*layout, num_workers=0, fast=fast)
     local_build = time.perf_counter() - start
     start = time.perf_counter()
-    workers = MetaWorldVectorEnv(bench, "train", num_agents, envs_per_agent, num_workers=num_workers, fast=fast)
+    workers = MetaWorldVectorEnv(*layout, num_workers=num_workers, fast=fast)
     workers_build = time.perf_counter() - start
     rates: dict[str, list[float]] = {"in_process": [], "workers": []}
     try:
@@ -74,9 +83,11 @@ def bench_stepping(
             env.set_tasks(tasks)
             env.reset()
             _steps_per_second(env, actions[: max(steps // 10, 5)])  # warm-up
+        load_before = os.getloadavg()[0]
         for _ in range(repeats):  # interleaved, so a burst of load elsewhere hits both
             rates["in_process"].append(_steps_per_second(local, actions))
             rates["workers"].append(_steps_per_second(workers, actions))
+        load = max(load_before, os.getloadavg()[0])
     finally:
         local.close()
         workers.close()
@@ -88,18 +99,25 @@ def bench_stepping(
         "steps_per_s": {k: round(statistics.median(v)) for k, v in rates.items()},
         "ratio_median": round(statistics.median(ratios), 2),
         "ratios": [round(r, 2) for r in ratios],
+        "load_average_1min": round(load, 2),
+        "fast": fast,
     }
+    rate = row["steps_per_s"]
     print(
-        f"{benchmark} {row['layout']}: in-process {row['steps_per_s']['in_process']} steps/s, "
-        f"workers {row['steps_per_s']['workers']} steps/s, ratio {row['ratio_median']} (runs {row['ratios']}); "
+        f"{benchmark} {row['layout']} (fast={fast}): in-process {rate['in_process']} steps/s, "
+        f"workers {rate['workers']} steps/s, ratio {row['ratio_median']} (runs {row['ratios']}); "
         f"build {local_build:.2f} s in-process, {workers_build:.2f} s workers",
         flush=True,
     )
+    if load > 1.5:  # other processes share the cores: the ratio understates the worker layout
+        print(f"warning: load average {load:.1f} during the runs; the ratio is not reliable")
     return row
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="small benchmarks and short runs")
     parser.add_argument("--benchmark", default="MT10", choices=BENCHMARKS, help="benchmark to step")
     parser.add_argument("--num-agents", type=int, default=10)
@@ -116,9 +134,16 @@ def main() -> None:
 
     results: dict = {"cpus": len(os.sched_getaffinity(0))}
     if not args.skip_construction:
-        results["construction"] = bench_construction(QUICK_BENCHMARKS if args.quick else BENCHMARKS, seed=0)
+        names = QUICK_BENCHMARKS if args.quick else BENCHMARKS
+        results["construction"] = bench_construction(names, seed=0)
     results["stepping"] = bench_stepping(
-        args.benchmark, args.num_agents, args.envs_per_agent, args.num_workers, steps, repeats, not args.no_fast
+        args.benchmark,
+        args.num_agents,
+        args.envs_per_agent,
+        args.num_workers,
+        steps,
+        repeats,
+        fast=not args.no_fast,
     )
     if args.json:
         with open(args.json, "w") as f:

@@ -63,7 +63,8 @@ def test_ml45_training_never_sees_test_classes() -> None:
 @pytest.mark.slow
 def test_mt50_has_all_classes() -> None:
     bench = make_benchmark("MT50", seed=0)
-    assert bench.train_classes == sorted(ALL_V3_ENVIRONMENTS) and bench.test_classes == bench.train_classes
+    assert bench.train_classes == sorted(ALL_V3_ENVIRONMENTS)
+    assert bench.test_classes == bench.train_classes
 
 
 def test_ml1_train_and_test_goals_are_disjoint() -> None:
@@ -75,7 +76,8 @@ def test_ml1_train_and_test_goals_are_disjoint() -> None:
 
 
 def test_mt_test_split_is_the_training_split(mt10: Benchmark) -> None:
-    assert not mt10.is_meta_learning and mt10.test_classes == mt10.train_classes == mt10.all_classes
+    assert not mt10.is_meta_learning
+    assert mt10.test_classes == mt10.train_classes == mt10.all_classes
     assert mt10.test_tasks == mt10.train_tasks
 
 
@@ -106,7 +108,7 @@ def _first_obs(bench: Benchmark, sample_seed: int, env_seed: int = 0) -> np.ndar
         return env.reset()
 
 
-def test_same_seed_same_tasks_and_first_observations(tmp_path) -> None:
+def test_same_seed_same_tasks_and_first_observations() -> None:
     # Build twice without the cache: metaworld's goal generation itself must be seeded.
     b0 = make_benchmark("MT1", "reach-v3", seed=0, use_cache=False)
     b0_again = make_benchmark("MT1", "reach-v3", seed=0, use_cache=False)
@@ -170,7 +172,8 @@ def test_workers_match_in_process_stepping(mt10: Benchmark) -> None:
     tasks = mt10.sample_tasks("train", 10, np.random.default_rng(0))
     runs = []
     for num_workers in (0, 2):
-        with MetaWorldVectorEnv(mt10, "train", 10, 1, num_workers=num_workers, max_episode_steps=15) as env:
+        layout = (mt10, "train", 10, 1)
+        with MetaWorldVectorEnv(*layout, num_workers=num_workers, max_episode_steps=15) as env:
             runs.append(_rollout(env, tasks, 40))  # crosses two auto-resets
     assert runs[0].keys() == runs[1].keys()
     for key in runs[0]:
@@ -222,12 +225,15 @@ def test_task_one_hot_spans_train_and_test_classes(ml10: Benchmark) -> None:
     assert [ml10.all_classes[i] for i in hot] == [c for c in ml10.test_classes for _ in range(2)]
 
 
-def test_close_stops_workers(mt10: Benchmark) -> None:
+def test_worker_errors_surface_and_close_stops_workers(mt10: Benchmark) -> None:
     env = MetaWorldVectorEnv(mt10, "train", 10, 1, num_workers=2)
     procs = list(env._procs)
     assert all(p.is_alive() for p in procs)
-    env.close()
-    env.close()  # idempotent
+    env.set_tasks(mt10.sample_tasks("train", 10, np.random.default_rng(0)))
+    env._tasks = env._tasks[::-1]  # bypass set_tasks' check: metaworld's set_task asserts the class
+    with pytest.raises(RuntimeError, match=r"(?s)worker 0 failed:.*AssertionError"):
+        env.reset()
+    env.close()  # already closed by the error: idempotent
     assert not any(p.is_alive() for p in procs)
     with pytest.raises(RuntimeError, match="closed"):
         env.reset()
@@ -237,11 +243,14 @@ def test_close_stops_workers(mt10: Benchmark) -> None:
     ("env_name", "policy", "num_workers"),
     [("reach-v3", SawyerReachV3Policy(), 0), ("push-v3", SawyerPushV3Policy(), 2)],
 )
-def test_scripted_expert_succeeds_and_random_does_not(env_name: str, policy, num_workers: int) -> None:
+def test_scripted_expert_succeeds_and_random_does_not(
+    env_name: str, policy: object, num_workers: int
+) -> None:
     # MT tasks show the goal in the observation, which the scripted policies read.
     bench = make_benchmark("MT1", env_name, seed=0)
     tasks = bench.sample_tasks("train", 4, np.random.default_rng(0))
-    with MetaWorldVectorEnv(bench, "train", 4, 1, num_workers=num_workers, max_episode_steps=150) as env:
+    layout = (bench, "train", 4, 1)
+    with MetaWorldVectorEnv(*layout, num_workers=num_workers, max_episode_steps=150) as env:
         env.set_tasks(tasks)
         obs, expert = env.reset(), np.zeros(4, bool)
         with warnings.catch_warnings():

@@ -1,4 +1,4 @@
-"""Meta-World v3 benchmarks (MT1, MT10, MT50, ML1, ML10, ML45): splits, task sampling and a disk cache.
+"""Meta-World v3 benchmarks (MT1 MT10 MT50 ML1 ML10 ML45): splits, task sampling, a disk cache.
 
 The classes and goals come from the metaworld package's own benchmark classes (``metaworld.MT10``
 and friends), so the goals are the published ones for a given seed. A built benchmark is plain data
@@ -45,7 +45,8 @@ Split = Literal["train", "test"]
 
 REWARD_FUNCTION_VERSION = "v2"
 """Reward function of every Meta-World v3 environment: the constructors default to ``"v2"`` in
-metaworld 3.1.1 and the workers pass it explicitly, so a change of default upstream cannot slip in."""
+metaworld 3.1.1 and the workers pass it explicitly, so an upstream change of default cannot
+slip in."""
 
 DEFAULT_CACHE_DIR = Path("~/.cache/metarl_lightning").expanduser()
 
@@ -88,7 +89,8 @@ class Benchmark:
         Both splits index into the same list, so a one-hot policy input keeps its size between
         training and evaluation.
         """
-        return list(self.train_classes) + [c for c in self.test_classes if c not in self.train_classes]
+        extra = [c for c in self.test_classes if c not in self.train_classes]
+        return list(self.train_classes) + extra
 
     def classes(self, split: Split) -> list[str]:
         """The sorted class names of ``split`` (``"train"`` or ``"test"``)."""
@@ -175,11 +177,13 @@ def _validate(name: str, env_name: str | None) -> None:
             got = "missing" if env_name is None else f"unknown {env_name!r}"
             raise ValueError(f"env_name: {got} for {name}; valid: {valid}")
     elif env_name is not None:
-        raise ValueError(f"env_name: {name} takes none (got {env_name!r}); valid: only MT1 and ML1 take one")
+        raise ValueError(
+            f"env_name: {name} takes none (got {env_name!r}); valid: only MT1 and ML1 take one"
+        )
 
 
 def build_benchmark(name: str, env_name: str | None = None, seed: int = 0) -> Benchmark:
-    """Build a benchmark with metaworld's task generation, bypassing the cache (slow: see module doc).
+    """Build a benchmark with metaworld's task generation, bypassing the cache (slow: module doc).
 
     Args:
         name: one of :data:`BENCHMARKS`.
@@ -216,7 +220,9 @@ def build_benchmark(name: str, env_name: str | None = None, seed: int = 0) -> Be
     )
 
 
-def cache_path(name: str, env_name: str | None, seed: int, cache_dir: str | os.PathLike | None = None) -> Path:
+def cache_path(
+    name: str, env_name: str | None, seed: int, cache_dir: str | os.PathLike | None = None
+) -> Path:
     """Where :func:`make_benchmark` caches a benchmark; the key includes the metaworld version."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_CACHE_DIR
     version = importlib.metadata.version("metaworld")

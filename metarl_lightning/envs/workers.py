@@ -3,10 +3,12 @@
 Layout (see ``TaskVectorEnv``): ``num_agents * envs_per_agent`` simulators, agent-major; agent
 ``k`` runs class ``benchmark.slot_classes(split, num_agents)[k]`` for its whole life, so each
 simulator is built once and only its goal changes (``set_tasks``). The simulators are cut into
-``num_workers`` contiguous groups; each worker process steps its group in a loop and answers one
-message per step with stacked numpy arrays. A few workers each stepping several envs beats one
-process per env here (2 x 5 over pipes: 1720 steps/s vs gymnasium's AsyncVectorEnv: 1190 on 2 cores),
-because Meta-World's step is mostly Python and per-message overhead is paid once per group.
+``num_workers`` contiguous groups; each worker process steps its group in a loop. A few workers
+each stepping several envs beats one process per env (2 x 5 over pipes: 1720 steps/s vs
+gymnasium's AsyncVectorEnv: 1190 on 2 cores): Meta-World's step is mostly Python and the
+per-message cost is paid once per group. That cost is cut further by shared memory: actions and
+results live in shared arrays (each worker owns its rows) and a step is one byte each way through
+a pipe, with all workers signalled before any is waited on. Only resets carry pickled tasks.
 
 ``num_workers=0`` steps the same ``_EnvGroup`` code in-process, so both modes give identical
 trajectories for identical actions. Workers use numpy and metaworld only (never torch); they are
@@ -16,6 +18,7 @@ started with the ``forkserver`` (or ``spawn``) method, safe with torch threads i
 from __future__ import annotations
 
 import multiprocessing as mp
+import pickle
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any, Sequence
@@ -30,9 +33,34 @@ from metarl_lightning.envs.fast import env_class
 OBS_DIM = 39
 ACTION_DIM = 4
 
+# Per-env buffers shared by the parent and the workers: name -> (shape after the env axis, dtype).
+# Each worker reads its rows of "action" and writes its rows of the others, so a step costs one
+# byte each way through the pipe instead of pickled arrays.
+_FIELDS: dict[str, tuple[tuple[int, ...], type]] = {
+    "action": ((ACTION_DIM,), np.float32),
+    "observation": ((OBS_DIM,), np.float32),
+    "reward": ((), np.float32),
+    "terminated": ((), np.bool_),
+    "truncated": ((), np.bool_),
+    "success": ((), np.bool_),
+    "final_observation": ((OBS_DIM,), np.float32),
+}
+_STEP, _OK = b"s", b"o"  # the one-byte messages of the hot path; everything else is pickled
+
+
+def _views(raw: dict[str, Any], n: int) -> dict[str, np.ndarray]:
+    """Numpy views ``[n, ...]`` over shared ctypes buffers (no copy)."""
+    return {
+        key: np.frombuffer(raw[key], dtype=dt).reshape((n, *shape))
+        for key, (shape, dt) in _FIELDS.items()
+    }
+
 
 class _EnvGroup:
     """A list of simulators stepped in one process; the unit of work of a worker.
+
+    Reads actions from and writes results into ``buffers`` (rows of this group only), which are
+    shared memory in a worker and plain arrays in-process: the same code in both modes.
 
     Args:
         classes: class name of each simulator.
@@ -40,6 +68,7 @@ class _EnvGroup:
         max_episode_steps: truncate episodes after this many steps.
         fast: use the fast subclasses of ``env_class``.
         terminate_on_success: end an episode (``terminated``) at the first success.
+        buffers: ``_FIELDS`` arrays with one row per simulator of this group.
     """
 
     def __init__(
@@ -49,6 +78,7 @@ class _EnvGroup:
         max_episode_steps: int,
         fast: bool,
         terminate_on_success: bool,
+        buffers: dict[str, np.ndarray],
     ) -> None:
         self.envs = []
         for name, seed in zip(classes, seeds):
@@ -60,43 +90,35 @@ class _EnvGroup:
             self.envs.append(env)
         self.max_episode_steps = max_episode_steps
         self.terminate_on_success = terminate_on_success
-        self.steps = np.zeros(len(self.envs), dtype=np.int64)
+        self.buf = buffers
+        self.steps = [0] * len(self.envs)
 
-    def reset(self, tasks: Sequence[Task]) -> np.ndarray:
-        """Set each env's task, reset all; returns ``[n, 39]`` float32."""
-        obs = np.empty((len(self.envs), OBS_DIM), dtype=np.float32)
+    def reset(self, tasks: Sequence[Task]) -> None:
+        """Set each env's task and reset it; writes ``buf["observation"]``."""
+        obs = self.buf["observation"]
         for i, (env, task) in enumerate(zip(self.envs, tasks)):
             env.set_task(task)
             obs[i] = env.reset()[0]
-        self.steps[:] = 0
-        return obs
+            self.steps[i] = 0
 
-    def step(self, actions: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Step every env once, auto-resetting finished ones (same task).
-
-        Returns:
-            ``(obs, reward, terminated, truncated, success, final_obs)`` stacked over envs.
-        """
-        n = len(self.envs)
-        obs = np.empty((n, OBS_DIM), dtype=np.float32)
-        final = np.empty((n, OBS_DIM), dtype=np.float32)
-        reward = np.empty(n, dtype=np.float32)
-        terminated = np.zeros(n, dtype=bool)
-        truncated = np.zeros(n, dtype=bool)
-        success = np.zeros(n, dtype=bool)
+    def step(self) -> None:
+        """Step every env with ``buf["action"]``, auto-resetting finished ones (same task)."""
+        b = self.buf
+        actions = b["action"].copy()  # the env keeps no reference, but be safe against reuse
         for i, env in enumerate(self.envs):
             o, r, term, trunc, info = env.step(actions[i])
             self.steps[i] += 1
             succ = bool(info.get("success", False))
             term = bool(term) or (self.terminate_on_success and succ)
+            # A terminated episode is not also reported truncated: no bootstrap at a true end.
             trunc = (bool(trunc) or self.steps[i] >= self.max_episode_steps) and not term
-            reward[i], success[i], terminated[i], truncated[i] = r, succ, term, trunc
-            final[i] = o
+            b["reward"][i], b["success"][i] = r, succ
+            b["terminated"][i], b["truncated"][i] = term, trunc
+            b["final_observation"][i] = o
             if term or trunc:
                 o = env.reset()[0]
                 self.steps[i] = 0
-            obs[i] = o
-        return obs, reward, terminated, truncated, success, final
+            b["observation"][i] = o
 
     def close(self) -> None:
         for env in self.envs:
@@ -104,27 +126,34 @@ class _EnvGroup:
         self.envs = []
 
 
-def _worker_main(conn: Connection, group_kwargs: dict[str, Any]) -> None:
-    """Worker loop: build the group, then answer ``(command, payload)`` messages until "close".
+def _worker_main(
+    conn: Connection, raw: dict[str, Any], n: int, lo: int, hi: int, group_kwargs: dict[str, Any]
+) -> None:
+    """Worker loop: build the group over rows ``lo:hi`` of the shared buffers, then serve.
 
-    Any exception is sent back as ``("error", traceback)`` so the parent can raise it with the
-    worker's stack; a vanished parent (EOF on the pipe) ends the loop.
+    Messages: ``_STEP`` (answered ``_OK``), or pickled ``("reset", tasks)`` / ``("close", None)``
+    (answered ``("ok", None)``). Any exception is sent back as ``("error", traceback)`` so the
+    parent raises it with the worker's stack; a vanished parent (EOF on the pipe) ends the loop.
     """
     group = None
     try:
-        group = _EnvGroup(**group_kwargs)
+        views = {k: v[lo:hi] for k, v in _views(raw, n).items()}
+        group = _EnvGroup(**group_kwargs, buffers=views)
         conn.send(("ok", None))
         while True:
-            cmd, payload = conn.recv()
-            if cmd == "step":
-                conn.send(("ok", group.step(payload)))
-            elif cmd == "reset":
-                conn.send(("ok", group.reset(payload)))
-            elif cmd == "close":
-                conn.send(("ok", None))
-                break
-            else:
+            msg = conn.recv_bytes()
+            if msg == _STEP:
+                group.step()
+                conn.send_bytes(_OK)
+                continue
+            cmd, payload = pickle.loads(msg)
+            if cmd == "reset":
+                group.reset(payload)
+            elif cmd != "close":
                 raise ValueError(f"unknown worker command {cmd!r}")
+            conn.send(("ok", None))
+            if cmd == "close":
+                break
     except (EOFError, KeyboardInterrupt, BrokenPipeError):
         pass
     except Exception:  # noqa: BLE001 - report any failure to the parent instead of dying silently
@@ -197,8 +226,7 @@ class MetaWorldVectorEnv:
         env_classes = [c for c in self.agent_classes for _ in range(envs_per_agent)]
         n = len(env_classes)
 
-        # The one-hot is appended here, not in the workers: one [N, C] block per step is cheaper
-        # than C extra floats per env through the pipes.
+        # The one-hot is constant per slot: appended here rather than carried through the workers.
         self._one_hot: np.ndarray | None = None
         if task_one_hot:
             index = {c: i for i, c in enumerate(benchmark.all_classes)}
@@ -222,14 +250,23 @@ class MetaWorldVectorEnv:
         # Contiguous, near-equal chunks: worker w owns simulators bounds[w]:bounds[w + 1].
         self._bounds = np.linspace(0, n, max(num_workers, 1) + 1).round().astype(int).tolist()
         if num_workers == 0:
-            self._local = _EnvGroup(**group_kwargs(0, n))
+            self._buf = {k: np.zeros((n, *shape), dtype=dt) for k, (shape, dt) in _FIELDS.items()}
+            self._local = _EnvGroup(**group_kwargs(0, n), buffers=self._buf)
         else:
             ctx = mp.get_context(start_method)
+            # Lock-free shared buffers: the parent and a worker never touch them at the same time
+            # (the pipe messages order every access), and workers own disjoint rows.
+            raw = {
+                k: ctx.RawArray("b", n * int(np.prod(shape, dtype=int)) * np.dtype(dt).itemsize)
+                for k, (shape, dt) in _FIELDS.items()
+            }
+            self._buf = _views(raw, n)
             for w in range(num_workers):
+                lo, hi = self._bounds[w], self._bounds[w + 1]
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(
                     target=_worker_main,
-                    args=(child, group_kwargs(self._bounds[w], self._bounds[w + 1])),
+                    args=(child, raw, n, lo, hi, group_kwargs(lo, hi)),
                     name=f"metaworld-worker-{w}",
                     daemon=True,  # never outlive the trainer, even if close() is skipped
                 )
@@ -259,7 +296,8 @@ class MetaWorldVectorEnv:
             raise ValueError(f"tasks: expected {self.num_agents} (one per agent), got {len(tasks)}")
         for k, (task, cls) in enumerate(zip(tasks, self.agent_classes)):
             if task.env_name != cls:
-                raise ValueError(f"tasks[{k}]: agent {k} runs {cls!r}, got a {task.env_name!r} task")
+                got = task.env_name
+                raise ValueError(f"tasks[{k}]: agent {k} runs {cls!r}, got a {got!r} task")
         self._tasks = list(tasks)
 
     def reset(self) -> np.ndarray:
@@ -269,13 +307,13 @@ class MetaWorldVectorEnv:
             raise RuntimeError("MetaWorldVectorEnv.reset: call set_tasks(tasks) first")
         env_tasks = [t for t in self._tasks for _ in range(self.envs_per_agent)]
         if self._local is not None:
-            obs = self._local.reset(env_tasks)
+            self._local.reset(env_tasks)
         else:
             for w, conn in enumerate(self._conns):
                 conn.send(("reset", env_tasks[self._bounds[w] : self._bounds[w + 1]]))
-            obs = np.concatenate(self._gather())
+            self._gather()
         self._needs_reset = False
-        return self._with_one_hot(obs)
+        return self._with_one_hot(self._buf["observation"])
 
     def step(self, actions: np.ndarray) -> StepResult:
         """Step every env with ``[N, 4]`` actions; finished envs are reset (see ``StepResult``)."""
@@ -284,23 +322,25 @@ class MetaWorldVectorEnv:
             raise RuntimeError("MetaWorldVectorEnv.step: call reset() first")
         actions = np.asarray(actions, dtype=np.float32)
         if actions.shape != (self.num_envs, self.action_dim):
-            raise ValueError(f"actions: expected shape {(self.num_envs, self.action_dim)}, got {actions.shape}")
+            expected = (self.num_envs, self.action_dim)
+            raise ValueError(f"actions: expected shape {expected}, got {actions.shape}")
+        self._buf["action"][:] = actions
         if self._local is not None:
-            parts = self._local.step(actions)
+            self._local.step()
         else:
-            # Send to every worker before receiving from any, so all groups step concurrently.
-            for w, conn in enumerate(self._conns):
-                conn.send(("step", actions[self._bounds[w] : self._bounds[w + 1]]))
-            results = self._gather()
-            parts = tuple(np.concatenate(col) for col in zip(*results))
-        obs, reward, terminated, truncated, success, final = parts
+            # Signal every worker before waiting on any, so all groups step concurrently.
+            for conn in self._conns:
+                conn.send_bytes(_STEP)
+            self._gather(expect=_OK)
+        b = self._buf
+        # Copies: the buffers are overwritten by the next step, the caller may keep the results.
         return StepResult(
-            observation=self._with_one_hot(obs),
-            reward=reward,
-            terminated=terminated,
-            truncated=truncated,
-            success=success,
-            final_observation=self._with_one_hot(final),
+            observation=self._with_one_hot(b["observation"]),
+            reward=b["reward"].copy(),
+            terminated=b["terminated"].copy(),
+            truncated=b["truncated"].copy(),
+            success=b["success"].copy(),
+            final_observation=self._with_one_hot(b["final_observation"]),
         )
 
     def close(self) -> None:
@@ -341,24 +381,28 @@ class MetaWorldVectorEnv:
         except Exception:  # noqa: BLE001 - interpreter shutdown may have torn down modules
             pass
 
-    def _gather(self) -> list[Any]:
-        """Receive one reply from every worker; raise the first worker error with its traceback."""
-        replies, error = [], None
+    def _gather(self, expect: bytes | None = None) -> None:
+        """Wait for one reply from every worker; raise the first worker error with its traceback.
+
+        Args:
+            expect: the one-byte reply of the hot path; anything else is a pickled status.
+        """
+        error = None
         for w, conn in enumerate(self._conns):
             try:
-                status, payload = conn.recv()
+                msg = conn.recv_bytes()
+                status, payload = ("ok", None) if msg == expect else pickle.loads(msg)
             except EOFError:
                 status, payload = "error", f"worker {w} died (exit code {self._procs[w].exitcode})"
             if status == "error" and error is None:
                 error = f"worker {w} failed:\n{payload}"
-            replies.append(payload)
         if error is not None:
             self.close()
             raise RuntimeError(error)
-        return replies
 
     def _with_one_hot(self, obs: np.ndarray) -> np.ndarray:
-        return obs if self._one_hot is None else np.concatenate([obs, self._one_hot], axis=1)
+        """A fresh ``[N, obs_dim]`` array (never a view of the shared buffers)."""
+        return obs.copy() if self._one_hot is None else np.concatenate([obs, self._one_hot], axis=1)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -95,13 +95,13 @@ def sequential_scan(
 
 
 def to_complex(state: torch.Tensor) -> torch.Tensor:
-    """``(..., N, 2)`` real/imag float -> ``(..., N)`` complex."""
-    return torch.complex(state[..., 0], state[..., 1])
+    """``(..., N, 2)`` real/imag float -> ``(..., N)`` complex (a view when the layout allows)."""
+    return torch.view_as_complex(state.contiguous())
 
 
 def to_real(state: torch.Tensor) -> torch.Tensor:
-    """``(..., N)`` complex -> ``(..., N, 2)`` real/imag float."""
-    return torch.stack([state.real, state.imag], dim=-1)
+    """``(..., N)`` complex -> ``(..., N, 2)`` real/imag float (a view)."""
+    return torch.view_as_real(state)
 
 
 class S5(nn.Module):
@@ -115,17 +115,19 @@ class S5(nn.Module):
         dt_max: largest initial step size (log-uniform in between, as S4/S5).
         scan: ``"parallel"`` (log-depth) or ``"sequential"`` (reference loop; for benchmarks).
 
-    Attributes (the ``ssm`` optimiser group is ``log_neg_lambda_real``, ``lambda_imag``,
-    ``log_step``, ``B``; S5 trains these with its own learning rate and no weight decay):
-        log_neg_lambda_real: ``(N,)``; ``Re(Lambda) = -exp(.)`` keeps every mode stable.
-        lambda_imag: ``(N,)``, ``Im(Lambda)``.
+    Attributes (the ``ssm`` optimiser group is ``Lambda``, ``log_step``, ``B``; S5 trains these
+    with its own learning rate and no weight decay):
+        Lambda: ``(N, 2)``: ``log(-Re Lambda)`` and ``Im Lambda``; ``Re = -exp(.) < 0`` always.
         log_step: ``(N,)``, log of the ZOH step size per mode.
-        B: ``(N, H, 2)`` complex input matrix as real/imag.
-        C: ``(H, N, 2)`` complex output matrix as real/imag.
+        B: ``(H, N, 2)``, complex ``B^T`` as real/imag; laid out so that ``u @ B.reshape(H, 2N)``
+            is ``B u`` in real/imag pairs (one real matmul, no complex cast of the input).
+        C: ``(N, 2, H)``, the output map in real form: ``y = [Re x, Im x] @ C + D u``. It equals
+            ``2 Re(C' x)`` (conjugate symmetry) for ``C' = (C[:, 0] - i C[:, 1]).T / 2``; storing
+            the real form saves the complex-to-real conversion on every call.
         D: ``(H,)`` real feed-through.
     """
 
-    ssm_parameter_names = ("log_neg_lambda_real", "lambda_imag", "log_step", "B")
+    ssm_parameter_names = ("Lambda", "log_step", "B")
 
     def __init__(
         self,
@@ -145,37 +147,30 @@ class S5(nn.Module):
         self.scan = scan
         # S4D-Lin initialisation: Lambda_n = -1/2 + i pi n (a diagonal approximation of HiPPO-LegS
         # that covers a range of frequencies).
-        self.log_neg_lambda_real = nn.Parameter(torch.full((n,), math.log(0.5)))
-        self.lambda_imag = nn.Parameter(math.pi * torch.arange(n, dtype=torch.float32))
+        lam = torch.stack([torch.full((n,), math.log(0.5)), math.pi * torch.arange(n, dtype=torch.float32)], -1)
+        self.Lambda = nn.Parameter(lam)
         log_dt = torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
         self.log_step = nn.Parameter(log_dt)
-        # Variance-preserving for a complex matmul: each of re/im carries half the variance.
-        self.B = nn.Parameter(torch.randn(n, d_model, 2) / math.sqrt(2 * d_model))
-        self.C = nn.Parameter(torch.randn(d_model, n, 2) / math.sqrt(2 * n))
+        # Variance-preserving for a complex matmul: re and im each carry half the variance.
+        self.B = nn.Parameter(torch.randn(d_model, n, 2) / math.sqrt(2 * d_model))
+        self.C = nn.Parameter(torch.randn(n, 2, d_model) / math.sqrt(2 * n))
         self.D = nn.Parameter(torch.randn(d_model))
 
     def discretize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """ZOH discretisation.
 
         Returns:
-            ``lam_bar`` ``(N,)`` complex and ``b_bar`` ``(N, H)`` complex.
+            ``lam_bar`` ``(N,)`` complex and ``B_bar^T`` in real/imag pairs ``(H, 2N)``.
         """
-        lam = torch.complex(-torch.exp(self.log_neg_lambda_real), self.lambda_imag)  # (N,)
-        dt = torch.exp(self.log_step)  # (N,)
-        lam_bar = torch.exp(lam * dt)  # (N,)
-        b_bar = ((lam_bar - 1.0) / lam).unsqueeze(-1) * to_complex(self.B)  # (N, H)
-        return lam_bar, b_bar
-
-    def _input(self, u: torch.Tensor, b_bar: torch.Tensor) -> torch.Tensor:
-        """``B_bar u`` as complex ``(..., N)`` from real ``u`` ``(..., H)`` via one real matmul."""
-        w = to_real(b_bar).permute(1, 0, 2).flatten(1)  # (H, 2N), laid out (N, 2)
-        return to_complex((u @ w).unflatten(-1, (self.num_modes, 2)))  # (..., N)
+        lam = torch.complex(-torch.exp(self.Lambda[:, 0]), self.Lambda[:, 1])  # (N,)
+        lam_bar = torch.exp(lam * torch.exp(self.log_step))  # (N,)
+        b_bar = to_complex(self.B) * ((lam_bar - 1.0) / lam)  # (H, N)
+        return lam_bar, to_real(b_bar).reshape(self.d_model, 2 * self.num_modes)
 
     def _output(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """``2 Re(C x) + D u`` (conjugate symmetry) via one real matmul; ``x`` ``(..., N)``."""
-        # Re(C x) = C_re x_re - C_im x_im: stack the weights to match to_real(x)'s (N, 2) layout.
-        w = torch.stack([self.C[..., 0], -self.C[..., 1]], dim=-1).flatten(1)  # (H, 2N)
-        return 2.0 * (to_real(x).flatten(-2) @ w.T) + self.D * u  # (..., H)
+        """``y = [Re x, Im x] @ C + D u`` for complex ``x`` ``(..., N)`` and ``u`` ``(..., H)``."""
+        c = self.C.reshape(2 * self.num_modes, self.d_model)  # (2N, H)
+        return torch.addcmul(to_real(x).flatten(-2) @ c, self.D, u)  # (..., H)
 
     def forward(
         self,
@@ -194,7 +189,7 @@ class S5(nn.Module):
             ``y`` ``(B, T, H)`` and the state after the last step ``(B, N, 2)``.
         """
         lam_bar, b_bar = self.discretize()
-        b = self._input(u, b_bar)  # (B, T, N)
+        b = to_complex((u @ b_bar).unflatten(-1, (self.num_modes, 2)))  # (B, T, N)
         keep = None if resets is None else (~resets).to(u.dtype).unsqueeze(-1)  # (B, T, 1)
         if h0 is not None:
             # Fold the initial state into step 0: x_0 = a_0 h0 + b_0.
@@ -215,7 +210,7 @@ class S5(nn.Module):
             ``y_t`` ``(B, H)`` and the next state ``(B, N, 2)``.
         """
         lam_bar, b_bar = self.discretize()
-        x = lam_bar * to_complex(h) + self._input(u_t, b_bar)  # (B, N)
+        x = lam_bar * to_complex(h) + to_complex((u_t @ b_bar).unflatten(-1, (self.num_modes, 2)))  # (B, N)
         return self._output(x, u_t), to_real(x)
 
     def initial_state(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:

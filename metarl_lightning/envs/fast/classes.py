@@ -7,7 +7,8 @@ made with ``type()`` must also be reachable here under that name to travel to a 
 Per-environment pieces: the 22 environments whose observation quaternion comes from
 ``Rotation.from_matrix(xmat).as_quat()`` get a ``_get_quat_objects`` reading the same ``xmat`` by id and
 converting it with :func:`rotation.quat_from_xmat` (the table below was read off each stock
-``_get_quat_objects``; the identity test checks every one).
+``_get_quat_objects``; the identity test checks every one); reach, push, pick-place and door-open
+also get the reward ports of ``task_rewards.py``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from metaworld.sawyer_xyz_env import SawyerXYZEnv
 
 from metarl_lightning.envs.fast.base import FastSawyerMixin
 from metarl_lightning.envs.fast.rotation import quat_from_xmat
+from metarl_lightning.envs.fast.task_rewards import REWARD_PORTS
 
 
 class _XmatSource(NamedTuple):
@@ -116,6 +118,8 @@ def make_fast_class(env_name: str, stock_cls: type[SawyerXYZEnv]) -> type[Sawyer
         own = _stock_definition(stock_cls, attr)
         if own is not None:  # e.g. pick-place's own _gripper_caging_reward: the stock one wins
             namespace[attr] = own
+    # Line-for-line ports of a few envs' own reward code (task_rewards.py) replace the stock ones.
+    namespace.update(REWARD_PORTS.get(env_name, {}))
     cls = type(name, (FastSawyerMixin, stock_cls), namespace)
     if env_name in QUAT_FROM_XMAT:
         cls._get_quat_objects = _quat_method(QUAT_FROM_XMAT[env_name], cls)

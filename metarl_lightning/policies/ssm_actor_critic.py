@@ -1,0 +1,135 @@
+"""Gaussian actor-critic on a stack of S5 blocks (Lu et al. 2023, "Structured State Space Models
+for In-Context Reinforcement Learning").
+
+Inputs are whatever observation vector the data side builds. For RL^2-style in-context adaptation
+the data side may append the previous action, reward and done flag to the env observation; the
+policy just sees a longer ``observation_dim`` and needs no extra inputs.
+
+Training runs each block's :class:`~metarl_lightning.policies.ssm.S5` with its parallel scan over the
+stored sequence; rollouts call ``forward`` with ``T == 1`` and take the O(1) ``step`` path. The
+collector stores the state at the start of each rollout, so both paths produce the same outputs.
+The state is real: ``(B, num_layers, state_dim // 2, 2)`` (real/imag of each stored complex mode).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metarl_lightning.policies.base import ActorCritic, PolicyOutput
+from metarl_lightning.policies.ssm import S5
+
+
+class S5Block(nn.Module):
+    """Pre-norm residual block: ``x + GLU(GELU(S5(LayerNorm(x))))``.
+
+    Args:
+        d_model: channels ``H``.
+        state_dim: S5 state size ``P`` (``P / 2`` complex modes stored).
+    """
+
+    def __init__(self, d_model: int, state_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.ssm = S5(d_model, state_dim)
+        # One matmul for value and gate of the gated linear unit.
+        self.glu = nn.Linear(d_model, 2 * d_model)
+
+    def _mix(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Gated residual update from the SSM output ``y``; both ``(..., H)``."""
+        value, gate = self.glu(F.gelu(y)).chunk(2, dim=-1)
+        return x + value * torch.sigmoid(gate)
+
+    def forward(
+        self, x: torch.Tensor, h0: torch.Tensor, resets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence path: ``x`` ``(B, T, H)``, ``h0`` ``(B, N, 2)``, ``resets`` ``(B, T)``."""
+        y, h = self.ssm(self.norm(x), h0, resets)  # (B, T, H), (B, N, 2)
+        return self._mix(x, y), h
+
+    def step(self, x_t: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rollout path: ``x_t`` ``(B, H)``, ``h`` ``(B, N, 2)`` (already zeroed on reset)."""
+        y, h = self.ssm.step(self.norm(x_t), h)  # (B, H), (B, N, 2)
+        return self._mix(x_t, y), h
+
+
+class SSMActorCritic(ActorCritic):
+    """Shared S5 trunk with a Gaussian action head and a value head.
+
+    Args:
+        observation_dim: size of the observation vector (env observation plus anything the data
+            side appends, e.g. previous action, reward, done).
+        action_dim: size of the action vector.
+        hidden_dim: model width ``H`` of encoder and blocks.
+        state_dim: S5 state size ``P`` per block (``P / 2`` complex modes are stored).
+        num_layers: number of S5 blocks.
+        init_log_std: initial value of the state-independent log standard deviation.
+    """
+
+    def __init__(
+        self,
+        observation_dim: int,
+        action_dim: int,
+        hidden_dim: int = 64,
+        state_dim: int = 64,
+        num_layers: int = 2,
+        init_log_std: float = -0.5,
+    ) -> None:
+        super().__init__()
+        self.observation_dim = observation_dim
+        self.action_dim = action_dim
+        self.num_layers = num_layers
+        self.num_modes = state_dim // 2
+        self.encoder = nn.Linear(observation_dim, hidden_dim)
+        self.blocks = nn.ModuleList(S5Block(hidden_dim, state_dim) for _ in range(num_layers))
+        self.out_norm = nn.LayerNorm(hidden_dim)
+        self.action_head = nn.Linear(hidden_dim, action_dim)
+        self.value_head = nn.Linear(hidden_dim, 1)
+        self.log_std = nn.Parameter(torch.full((action_dim,), init_log_std))
+        # Small initial action means (as in cleanrl's PPO) so early exploration is set by log_std.
+        with torch.no_grad():
+            self.action_head.weight.mul_(0.01)
+            self.action_head.bias.zero_()
+
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """``"ssm"``: Lambda, log step and B of every block (S5 practice); ``"default"``: the rest."""
+        ssm, default = [], []
+        for name, _ in self.named_parameters():
+            is_ssm = ".ssm." in name and name.rsplit(".", 1)[-1] in S5.ssm_parameter_names
+            (ssm if is_ssm else default).append(name)
+        return {"ssm": ssm, "default": default}
+
+    def initial_state(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
+        """Zero state ``(batch_size, num_layers, N, 2)``."""
+        dtype = self.encoder.weight.dtype
+        return torch.zeros(batch_size, self.num_layers, self.num_modes, 2, device=device, dtype=dtype)
+
+    def forward(
+        self, observations: torch.Tensor, state: torch.Tensor, resets: torch.Tensor
+    ) -> PolicyOutput:
+        """See :meth:`ActorCritic.forward`; ``state`` is ``(B, num_layers, N, 2)``."""
+        x = F.gelu(self.encoder(observations))  # (B, T, H)
+        new_states = []
+        if observations.shape[1] == 1:
+            # Rollout step: O(1), resets zero the carried state before the step.
+            state = state * (~resets[:, 0]).to(x.dtype)[:, None, None, None]  # (B, L, N, 2)
+            x_t = x[:, 0]  # (B, H)
+            for i, block in enumerate(self.blocks):
+                x_t, h = block.step(x_t, state[:, i])
+                new_states.append(h)
+            x = x_t.unsqueeze(1)  # (B, 1, H)
+        else:
+            for i, block in enumerate(self.blocks):
+                x, h = block(x, state[:, i], resets)
+                new_states.append(h)
+        x = self.out_norm(x)
+        mean = self.action_head(x)  # (B, T, A)
+        return PolicyOutput(
+            mean=mean,
+            # Expanded, not (A,): under vmap over agents an (A,) output becomes (K, A), which no
+            # longer broadcasts against (K, B, T, A).
+            log_std=self.log_std.expand_as(mean),  # (B, T, A)
+            value=self.value_head(x).squeeze(-1),  # (B, T)
+            state=torch.stack(new_states, dim=1),  # (B, L, N, 2)
+        )
