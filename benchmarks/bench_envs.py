@@ -6,7 +6,9 @@ Usage:
 
 Stepping compares the worker layout (``--num-workers`` processes, the envs split between them)
 with one process stepping the same envs, random actions, auto-resets included. The machine is
-shared, so the two are measured interleaved, several times, and the median ratio is reported.
+shared, so the two are measured interleaved, several times, and the median ratio is reported,
+with the load average. The "ceiling" is the same split stepped by independent processes that
+never talk to each other: what the cores allow, whatever the messaging costs.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import json
 import os
 import statistics
 import tempfile
+import multiprocessing as mp
 import time
+from typing import Any
 
 import numpy as np
 
 from metarl_lightning.envs.benchmarks import BENCHMARKS, make_benchmark
-from metarl_lightning.envs.workers import MetaWorldVectorEnv
+# The private group is what a worker runs; the ceiling measurement steps it without a parent.
+from metarl_lightning.envs.workers import _FIELDS, MetaWorldVectorEnv, _EnvGroup
 
 QUICK_BENCHMARKS = ("MT1", "ML1", "MT10", "ML10")
 SINGLE_ENV = "reach-v3"  # the env of MT1/ML1
@@ -54,6 +59,49 @@ def _steps_per_second(env: MetaWorldVectorEnv, actions: np.ndarray) -> float:
     return actions.shape[0] * env.num_envs / (time.perf_counter() - start)
 
 
+def _independent_group(
+    classes: list[str], tasks: list, actions: np.ndarray, fast: bool, barrier: Any, out: Any
+) -> None:
+    """Step one group of envs alone (no parent, no messages) and report the wall time."""
+    n = len(classes)
+    buffers = {k: np.zeros((n, *shape), dtype=dt) for k, (shape, dt) in _FIELDS.items()}
+    group = _EnvGroup(classes, list(range(n)), 500, fast, False, buffers)
+    group.reset(tasks)
+    barrier.wait()  # all groups start together, so the slowest one bounds the aggregate rate
+    start = time.perf_counter()
+    for a in actions:
+        buffers["action"][:] = a
+        group.step()
+    out.put(time.perf_counter() - start)
+    group.close()
+
+
+def _ceiling_steps_per_second(
+    classes: list[str], tasks: list, actions: np.ndarray, num_workers: int, fast: bool
+) -> float:
+    """Aggregate steps/s of ``num_workers`` processes stepping their share with no coordination.
+
+    The upper bound of any worker layout on this machine: it measures how well the cores scale
+    (SMT siblings, shared caches, other load) apart from the cost of messages and lockstep.
+    """
+    ctx = mp.get_context("forkserver")
+    barrier, out = ctx.Barrier(num_workers), ctx.Queue()
+    bounds = np.linspace(0, len(classes), num_workers + 1).round().astype(int)
+    procs = [
+        ctx.Process(
+            target=_independent_group,
+            args=(classes[lo:hi], tasks[lo:hi], actions[:, lo:hi], fast, barrier, out),
+        )
+        for lo, hi in zip(bounds[:-1], bounds[1:])
+    ]
+    for proc in procs:
+        proc.start()
+    elapsed = max(out.get(timeout=600) for _ in procs)
+    for proc in procs:
+        proc.join()
+    return actions.shape[0] * len(classes) / elapsed
+
+
 def bench_stepping(
     benchmark: str,
     num_agents: int,
@@ -77,7 +125,9 @@ def bench_stepping(
     start = time.perf_counter()
     workers = MetaWorldVectorEnv(*layout, num_workers=num_workers, fast=fast)
     workers_build = time.perf_counter() - start
-    rates: dict[str, list[float]] = {"in_process": [], "workers": []}
+    rates: dict[str, list[float]] = {"in_process": [], "workers": [], "ceiling": []}
+    env_classes = [c for c in local.agent_classes for _ in range(envs_per_agent)]
+    env_tasks = [t for t in tasks for _ in range(envs_per_agent)]
     try:
         for env in (local, workers):
             env.set_tasks(tasks)
@@ -87,11 +137,15 @@ def bench_stepping(
         for _ in range(repeats):  # interleaved, so a burst of load elsewhere hits both
             rates["in_process"].append(_steps_per_second(local, actions))
             rates["workers"].append(_steps_per_second(workers, actions))
+            rates["ceiling"].append(
+                _ceiling_steps_per_second(env_classes, env_tasks, actions, num_workers, fast)
+            )
         load = max(load_before, os.getloadavg()[0])
     finally:
         local.close()
         workers.close()
     ratios = [w / s for w, s in zip(rates["workers"], rates["in_process"])]
+    ceilings = [c / s for c, s in zip(rates["ceiling"], rates["in_process"])]
     row = {
         "benchmark": benchmark,
         "layout": f"{num_workers} workers x {n // max(num_workers, 1)} envs",
@@ -99,6 +153,7 @@ def bench_stepping(
         "steps_per_s": {k: round(statistics.median(v)) for k, v in rates.items()},
         "ratio_median": round(statistics.median(ratios), 2),
         "ratios": [round(r, 2) for r in ratios],
+        "ceiling_ratio_median": round(statistics.median(ceilings), 2),
         "load_average_1min": round(load, 2),
         "fast": fast,
     }
@@ -106,6 +161,7 @@ def bench_stepping(
     print(
         f"{benchmark} {row['layout']} (fast={fast}): in-process {rate['in_process']} steps/s, "
         f"workers {rate['workers']} steps/s, ratio {row['ratio_median']} (runs {row['ratios']}); "
+        f"independent processes {rate['ceiling']} steps/s, ceiling ratio {row['ceiling_ratio_median']}; "
         f"build {local_build:.2f} s in-process, {workers_build:.2f} s workers",
         flush=True,
     )

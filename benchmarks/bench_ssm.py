@@ -77,12 +77,15 @@ def bench_scan(batch: int, length: int, width: int, repeats: int) -> dict[str, f
     )
 
 
-def bench_rollout_step(agents: int, envs: int, obs_dim: int, act_dim: int, steps: int, repeats: int) -> dict[str, float]:
+def bench_rollout_step(
+    agents: int, envs: int, obs_dim: int, act_dim: int, steps: int, repeats: int
+) -> dict[str, float]:
     """Microseconds per agent-step of a T == 1 vmapped policy call (no grad), per policy."""
     torch.manual_seed(0)
     policies = {
         "mlp": MLPActorCritic(obs_dim, act_dim),
         "ssm": SSMActorCritic(obs_dim, act_dim),
+        "ssm-1": SSMActorCritic(obs_dim, act_dim, num_layers=1),
         "gru": GRUActorCritic(obs_dim, act_dim),
     }
 
@@ -145,11 +148,15 @@ def main() -> None:
     print(f"\n2. Rollout step (T=1, vmap over K={agents} agents x E={envs} envs, no grad), us per agent-step")
     step = bench_rollout_step(agents, envs, 39, 4, steps=20 if args.quick else 50, repeats=repeats)
     for name, us in step.items():
-        print(f"   {name:4s} {us:7.2f} us   {us / step['mlp']:4.2f}x the MLP")
+        print(f"   {name:5s} {us:7.2f} us   {us / step['mlp']:4.2f}x the MLP")
     results["rollout_step_us"] = step
-    sizes = {name: param_count(cls(39, 4)) for name, cls in
-             (("mlp", MLPActorCritic), ("ssm", SSMActorCritic), ("gru", GRUActorCritic))}
-    print("   parameters: " + ", ".join(f"{n} {c}" for n, c in sizes.items()))
+    sizes = {
+        "mlp": param_count(MLPActorCritic(39, 4)),
+        "ssm": param_count(SSMActorCritic(39, 4)),
+        "ssm-1": param_count(SSMActorCritic(39, 4, num_layers=1)),
+        "gru": param_count(GRUActorCritic(39, 4)),
+    }
+    print("   parameters: " + ", ".join(f"{n} {c}" for n, c in sizes.items()) + " (ssm-1: num_layers=1)")
 
     print(f"\n3. Training forward+backward vs torch.nn.GRU, B={batch} T={length} H={width} (median s)")
     vs = bench_vs_gru(batch, length, width, repeats)

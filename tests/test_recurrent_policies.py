@@ -116,7 +116,9 @@ def test_vmap_over_agents_matches_loop(kind: str, length: int) -> None:
 def test_grad_through_vmapped_sequence(kind: str) -> None:
     """Per-agent gradients of the vmapped training path equal those of a per-agent loop."""
     policy = make(kind)
-    stacked = {n: p.detach().unsqueeze(0).repeat(2, *[1] * p.dim()).requires_grad_() for n, p in policy.named_parameters()}
+    stacked = {
+        n: p.detach().unsqueeze(0).repeat(2, *[1] * p.dim()).requires_grad_() for n, p in policy.named_parameters()
+    }
     obs = torch.randn(2, 2, 6, OBS, dtype=torch.float64)
     state = torch.zeros(2, *policy.initial_state(2).shape, dtype=torch.float64)
     resets = episode_resets(4, 6).reshape(2, 2, 6)

@@ -8,8 +8,8 @@ milliseconds.
 
 Splits:
     * ``"train"``: the classes and goals used for (meta-)training.
-    * ``"test"``: for ML benchmarks the held-out classes (ML10/ML45) or held-out goals (ML1), never
-      seen in training; for MT benchmarks the training classes and goals themselves (multi-task
+    * ``"test"``: for ML benchmarks the held-out classes (ML10/ML45) or held-out goals (ML1: the
+      test goals metaworld draws with ``seed + 1``), never seen in training; for MT benchmarks the training classes and goals themselves (multi-task
       RL is evaluated on its training tasks, and metaworld's MT classes have an empty test set).
 
 Slot layout: a meta-batch of ``num_agents`` task-agents runs ``slot_classes(split, num_agents)``:
@@ -145,7 +145,7 @@ class Benchmark:
         per_class = num_agents // len(classes)
         tasks_by_class = self.tasks(split)
         picks: dict[str, list[int]] = {}
-        # Draw in class order (not slot order) so the stream of draws does not depend on layout.
+        # One draw per class, without replacement: agents sharing a class get different goals.
         for name in classes:
             n_goals = len(tasks_by_class[name])
             picks[name] = rng.choice(n_goals, size=per_class, replace=per_class > n_goals).tolist()

@@ -48,7 +48,7 @@ class GRUActorCritic(ActorCritic):
         self.bias_hh = nn.Parameter(torch.empty(3 * hidden_dim).uniform_(-bound, bound))
         self.action_head = nn.Linear(hidden_dim, action_dim)
         self.value_head = nn.Linear(hidden_dim, 1)
-        self.log_std = nn.Parameter(torch.full((action_dim,), init_log_std))
+        self.log_std = nn.Parameter(torch.full((action_dim,), float(init_log_std)))
         with torch.no_grad():
             self.action_head.weight.mul_(0.01)
             self.action_head.bias.zero_()

@@ -96,7 +96,12 @@ def sequential_scan(
 
 def to_complex(state: torch.Tensor) -> torch.Tensor:
     """``(..., N, 2)`` real/imag float -> ``(..., N)`` complex (a view when the layout allows)."""
-    return torch.view_as_complex(state.contiguous())
+    try:
+        # A view needs stride 1 on the last dim and even strides elsewhere, which any slice along
+        # the leading dims of a contiguous state has; copying every step would cost a kernel call.
+        return torch.view_as_complex(state)
+    except RuntimeError:
+        return torch.view_as_complex(state.contiguous())
 
 
 def to_real(state: torch.Tensor) -> torch.Tensor:
@@ -210,7 +215,8 @@ class S5(nn.Module):
             ``y_t`` ``(B, H)`` and the next state ``(B, N, 2)``.
         """
         lam_bar, b_bar = self.discretize()
-        x = lam_bar * to_complex(h) + to_complex((u_t @ b_bar).unflatten(-1, (self.num_modes, 2)))  # (B, N)
+        b_t = to_complex((u_t @ b_bar).unflatten(-1, (self.num_modes, 2)))  # (B, N)
+        x = torch.addcmul(b_t, lam_bar, to_complex(h))  # (B, N)
         return self._output(x, u_t), to_real(x)
 
     def initial_state(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:

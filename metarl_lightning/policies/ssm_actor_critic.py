@@ -86,7 +86,7 @@ class SSMActorCritic(ActorCritic):
         self.out_norm = nn.LayerNorm(hidden_dim)
         self.action_head = nn.Linear(hidden_dim, action_dim)
         self.value_head = nn.Linear(hidden_dim, 1)
-        self.log_std = nn.Parameter(torch.full((action_dim,), init_log_std))
+        self.log_std = nn.Parameter(torch.full((action_dim,), float(init_log_std)))
         # Small initial action means (as in cleanrl's PPO) so early exploration is set by log_std.
         with torch.no_grad():
             self.action_head.weight.mul_(0.01)
@@ -113,7 +113,8 @@ class SSMActorCritic(ActorCritic):
         new_states = []
         if observations.shape[1] == 1:
             # Rollout step: O(1), resets zero the carried state before the step.
-            state = state * (~resets[:, 0]).to(x.dtype)[:, None, None, None]  # (B, L, N, 2)
+            keep = (~resets).to(x.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1), as T == 1
+            state = state * keep  # (B, L, N, 2)
             x_t = x[:, 0]  # (B, H)
             for i, block in enumerate(self.blocks):
                 x_t, h = block.step(x_t, state[:, i])
