@@ -1,0 +1,62 @@
+"""Script run by tests/test_distributed.py: meta-train nav2d and dump per-rank parameters and gradients.
+
+Usage: python tests/ddp_run.py OUT_DIR DEVICES [STRATEGY]
+Lightning's ``ddp`` strategy re-launches this script once per extra rank.
+"""
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from metarl_lightning.data import MetaTaskDataModule
+from metarl_lightning.module import MetaRLModule
+from metarl_lightning.policies import MLPActorCritic
+
+
+class DumpGradients(L.Callback):
+    """Save every rank's meta-gradient of the first optimiser step and its final parameters."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.saved_first = False
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not self.saved_first:
+            grads = {n: p.grad.detach().clone() for n, p in pl_module.policy.named_parameters()}
+            torch.save(grads, self.out / f"grads_rank{trainer.global_rank}.pt")
+            self.saved_first = True
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        params = {n: p.detach().clone() for n, p in pl_module.policy.named_parameters()}
+        torch.save(params, self.out / f"params_rank{trainer.global_rank}.pt")
+
+
+def main() -> None:
+    out, devices = Path(sys.argv[1]), int(sys.argv[2])
+    strategy = sys.argv[3] if len(sys.argv) > 3 else "ddp"
+    torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)
+    data = MetaTaskDataModule("nav2d", meta_batch_size=8, rollouts_per_task=4, max_episode_steps=50, seed=3)
+    # max_grad_norm off: the comparison is of the raw averaged meta-gradient.
+    module = MetaRLModule(MLPActorCritic(2, 2, hidden_dim=16), meta_lr=1e-2, inner_lr=0.5, ppo_epochs=2, max_grad_norm=None)
+    trainer = L.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy if devices > 1 else "auto",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[DumpGradients(out)],
+    )
+    trainer.fit(module, data)
+
+
+if __name__ == "__main__":
+    main()
