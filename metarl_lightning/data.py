@@ -74,6 +74,9 @@ class MetaTaskDataModule(L.LightningDataModule):
         max_episode_steps: horizon; ``null`` uses the benchmark's (nav2d 100, Meta-World 500).
         meta_batches_per_epoch: meta-iterations per epoch.
         num_eval_tasks: test tasks per evaluation (over all ranks); ``null``: ``meta_batch_size``.
+        eval_rollouts_per_task: trajectories per test task for the support (adaptation) and the
+            query (evaluation) rollouts of an evaluation; ``null``: ``rollouts_per_task``. Must be
+            a multiple of ``envs_per_task``.
         eval_meta_batches: meta-batches of ``num_eval_tasks`` test tasks per evaluation.
         num_env_workers: environment worker processes per rank; 0 steps in-process; ``null``: the
             CPU cores available to this rank. Meta-World only (nav2d is one numpy array).
@@ -97,6 +100,7 @@ class MetaTaskDataModule(L.LightningDataModule):
         max_episode_steps: int | None = None,
         meta_batches_per_epoch: int = 1,
         num_eval_tasks: int | None = None,
+        eval_rollouts_per_task: int | None = None,
         eval_meta_batches: int = 1,
         num_env_workers: int | None = None,
         fast_envs: bool = True,
@@ -130,6 +134,12 @@ class MetaTaskDataModule(L.LightningDataModule):
         require(meta_batches_per_epoch >= 1, "data.meta_batches_per_epoch", f"must be >= 1, got {meta_batches_per_epoch}")
         num_eval_tasks = meta_batch_size if num_eval_tasks is None else num_eval_tasks
         require(num_eval_tasks >= 1, "data.num_eval_tasks", f"must be >= 1, got {num_eval_tasks}")
+        eval_rollouts_per_task = rollouts_per_task if eval_rollouts_per_task is None else eval_rollouts_per_task
+        require(
+            eval_rollouts_per_task >= 1 and eval_rollouts_per_task % envs_per_task == 0,
+            "data.eval_rollouts_per_task",
+            f"must be a positive multiple of envs_per_task={envs_per_task}, got {eval_rollouts_per_task}",
+        )
         require(eval_meta_batches >= 1, "data.eval_meta_batches", f"must be >= 1, got {eval_meta_batches}")
         require(num_env_workers is None or num_env_workers >= 0, "data.num_env_workers", f"must be >= 0 or null, got {num_env_workers}")
         require(reset_state_on in ("episode", "trial"), "data.reset_state_on", f"unknown {reset_state_on!r}; valid: episode, trial")
@@ -142,6 +152,7 @@ class MetaTaskDataModule(L.LightningDataModule):
         self.max_episode_steps = max_episode_steps
         self.meta_batches_per_epoch = meta_batches_per_epoch
         self.num_eval_tasks = num_eval_tasks
+        self.eval_rollouts_per_task = eval_rollouts_per_task
         self.eval_meta_batches = eval_meta_batches
         self.num_env_workers = num_env_workers
         self.fast_envs = fast_envs
@@ -173,8 +184,13 @@ class MetaTaskDataModule(L.LightningDataModule):
 
     @property
     def rollout_steps(self) -> int:
-        """Steps per env in one support (or query) rollout: whole episodes."""
+        """Steps per env in one training support (or query) rollout: whole episodes."""
         return (self.rollouts_per_task // self.envs_per_task) * self.max_episode_steps
+
+    @property
+    def eval_rollout_steps(self) -> int:
+        """Steps per env in one evaluation support (or query) rollout."""
+        return (self.eval_rollouts_per_task // self.envs_per_task) * self.max_episode_steps
 
     # ----------------------------------------------------------------------------------- building
     def setup(self, stage: str) -> None:
@@ -265,7 +281,8 @@ class MetaTaskDataModule(L.LightningDataModule):
         agents = len(tasks) // self._world_size
         shard = slice(self._rank * agents, (self._rank + 1) * agents)
         generator = torch.Generator().manual_seed(_stream_seed(self.seed, split, iteration, "noise"))
-        shape = (len(tasks), self.envs_per_task, self.rollout_steps, self.action_dim)
+        steps = self.rollout_steps if split == "train" else self.eval_rollout_steps
+        shape = (len(tasks), self.envs_per_task, steps, self.action_dim)
         support_noise = torch.randn(shape, generator=generator)[shard]
         query_noise = torch.randn(shape, generator=generator)[shard]
         return MetaBatch(iteration, split, tasks[shard], support_noise, query_noise)

@@ -52,6 +52,10 @@ class MetaRLModule(L.LightningModule):
         max_grad_norm: global norm the meta-gradient is clipped to (``null``: no clipping).
         ssm_lr: learning rate of the SSM parameters (``null``: ``meta_lr``), as the S4/S5 recipes do.
         weight_decay: AdamW weight decay of the non-SSM parameters (SSM parameters get none).
+        adapt_ssm_parameters: also adapt the SSM group (Lambda, log-step, B) in the inner loop. Off
+            by default: they are meta-learned, but one gradient step on the state matrix's
+            eigenvalues changes the dynamics of every time step at once, and adapting them made the
+            post-adaptation return collapse on 2-D navigation (README, "Policies").
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class MetaRLModule(L.LightningModule):
         max_grad_norm: float | None = 1.0,
         ssm_lr: float | None = None,
         weight_decay: float = 0.0,
+        adapt_ssm_parameters: bool = False,
     ) -> None:
         super().__init__()
         require(meta_lr > 0, "model.meta_lr", f"must be > 0, got {meta_lr}")
@@ -115,15 +120,30 @@ class MetaRLModule(L.LightningModule):
     def _meta_parameters(self) -> dict[str, torch.Tensor]:
         return dict(self.policy.named_parameters())
 
+    def _adapted_names(self) -> set[str]:
+        groups = self.policy.parameter_groups()
+        names = {n for group in groups.values() for n in group}
+        if not self.hparams.get("adapt_ssm_parameters", True):
+            names -= set(groups.get("ssm", []))
+        return names
+
     def _adapt(self, params: dict[str, torch.Tensor], support: Rollout, first_order: bool) -> dict[str, torch.Tensor]:
         """theta_k' for every agent; ``params`` are stacked ``[K, ...]``."""
         num_agents = support.rewards.shape[0]
+        adapted_names = self._adapted_names()
+        fixed = {k: v for k, v in params.items() if k not in adapted_names}
 
         def inner_loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            # The policy-gradient surrogate only: the value loss is on the scale of squared returns
+            # and, through a trunk shared with the actor, one inner step on it wrecks the actor
+            # (it made SSM adaptation collapse on nav2d). The critic is meta-learned in the outer loss.
+            loss = agents_ppo_loss(self.policy, {**fixed, **p}, support, self.ppo)
             # Sum of per-agent losses: slice k of the gradient is agent k's own gradient.
-            return num_agents * agents_ppo_loss(self.policy, p, support, self.ppo).total
+            return num_agents * (loss.policy - self.ppo.entropy_coef * loss.entropy)
 
-        return inner_update(params, inner_loss, self.hparams.inner_lr, self.hparams.inner_steps, first_order)
+        adaptable = {k: v for k, v in params.items() if k in adapted_names}
+        adapted = inner_update(adaptable, inner_loss, self.hparams.inner_lr, self.hparams.inner_steps, first_order)
+        return {**fixed, **adapted}
 
     def _collect(self, collector: RolloutCollector, params: dict[str, torch.Tensor], noise: torch.Tensor, num_steps: int) -> Rollout:
         rollout = collector.collect(self.policy, {k: v.detach() for k, v in params.items()}, num_steps, noise)
@@ -230,7 +250,7 @@ class MetaRLModule(L.LightningModule):
     def _evaluate(self, batch: MetaBatch, prefix: str) -> None:
         datamodule = self.trainer.datamodule
         with torch.enable_grad():
-            support, query = self.adapt_and_collect(batch, datamodule.eval_collector, datamodule.rollout_steps)
+            support, query = self.adapt_and_collect(batch, datamodule.eval_collector, datamodule.eval_rollout_steps)
         world = self.trainer.world_size
         metrics = {
             f"{prefix}/pre_adaptation_return": support.episode_return.mean(),

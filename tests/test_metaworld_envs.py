@@ -215,6 +215,21 @@ def test_default_episode_is_500_steps() -> None:
     assert [t for t, flag in enumerate(truncated) if flag] == [499]
 
 
+def test_explicit_agent_classes_for_a_rank_shard(mt10: Benchmark) -> None:
+    # DDP: rank 1 of 2 runs agents 5..9 of a 10-agent MT10 meta-batch.
+    shard = mt10.slot_classes("train", 10)[5:]
+    tasks = mt10.sample_tasks("train", 10, np.random.default_rng(0))[5:]
+    with MetaWorldVectorEnv(mt10, "train", 5, 1, agent_classes=shard, task_one_hot=True) as env:
+        env.set_tasks(tasks)
+        obs = env.reset()
+    assert env.agent_classes == shard
+    assert obs[:, 39:].argmax(axis=1).tolist() == [5, 6, 7, 8, 9]
+    with pytest.raises(ValueError, match=r"^agent_classes\[0\]: 'drawer-open-v3' is not a train"):
+        MetaWorldVectorEnv(make_benchmark("ML10"), "train", 1, 1, agent_classes=["drawer-open-v3"])
+    with pytest.raises(ValueError, match=r"^agent_classes: expected 5"):
+        MetaWorldVectorEnv(mt10, "train", 5, 1, agent_classes=shard[:2])
+
+
 def test_task_one_hot_spans_train_and_test_classes(ml10: Benchmark) -> None:
     with MetaWorldVectorEnv(ml10, "test", 5, 2, task_one_hot=True) as env:
         env.set_tasks(ml10.sample_tasks("test", 5, np.random.default_rng(0)))

@@ -19,6 +19,7 @@ OBS, ACT = 5, 3
 
 POLICIES = {
     "ssm": lambda: SSMActorCritic(OBS, ACT, hidden_dim=8, state_dim=6, num_layers=2),
+    "ssm_shared": lambda: SSMActorCritic(OBS, ACT, hidden_dim=8, state_dim=6, num_layers=2, shared_trunk=True),
     "gru": lambda: GRUActorCritic(OBS, ACT, hidden_dim=8),
 }
 
@@ -28,8 +29,9 @@ def make(kind: str) -> ActorCritic:
     policy = POLICIES[kind]().double()
     if isinstance(policy, SSMActorCritic):
         with torch.no_grad():  # longer memory than the default init, so carried state matters
-            for block in policy.blocks:
-                block.ssm.log_step.uniform_(-2.0, 0.0)
+            for trunk in filter(None, (policy.actor_trunk, policy.critic_trunk)):
+                for block in trunk.blocks:
+                    block.ssm.log_step.uniform_(-2.0, 0.0)
     return policy
 
 
@@ -141,4 +143,4 @@ def test_ssm_parameter_groups_partition() -> None:
     assert not set(groups["ssm"]) & set(groups["default"])
     suffixes = {n.rsplit(".", 1)[-1] for n in groups["ssm"]}
     assert suffixes == {"Lambda", "log_step", "B"}
-    assert len(groups["ssm"]) == 3 * policy.num_layers
+    assert len(groups["ssm"]) == 3 * policy.num_layers * 2  # separate actor and critic trunks

@@ -125,7 +125,7 @@ def test_maml_inner_update_through_ssm_policy_matches_finite_differences() -> No
     torch.manual_seed(0)
     policy = SSMActorCritic(3, 2, hidden_dim=4, state_dim=4, num_layers=2).double()
     with torch.no_grad():
-        for block in policy.blocks:
+        for block in [*policy.actor_trunk.blocks, *policy.critic_trunk.blocks]:
             block.ssm.log_step.uniform_(-2.0, 0.0)
     theta = {name: p.detach().clone().requires_grad_() for name, p in policy.named_parameters()}
     obs = torch.randn(2, 9, 3, dtype=torch.float64)
@@ -147,7 +147,7 @@ def test_maml_inner_update_through_ssm_policy_matches_finite_differences() -> No
     grads = torch.autograd.grad(outer(theta), list(theta.values()))
     direction = {n: torch.randn_like(p) for n, p in theta.items()}
     analytic = sum((g * direction[n]).sum() for n, g in zip(theta, grads))
-    eps = 1e-5
+    eps = 1e-6
     with torch.enable_grad():
         plus = outer({n: (p + eps * direction[n]).detach().requires_grad_() for n, p in theta.items()})
         minus = outer({n: (p - eps * direction[n]).detach().requires_grad_() for n, p in theta.items()})

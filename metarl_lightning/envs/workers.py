@@ -186,6 +186,9 @@ class MetaWorldVectorEnv:
             ML test evaluation turns it on).
         start_method: multiprocessing start method, ``"forkserver"`` or ``"spawn"`` (never
             ``"fork"``: forking a parent that runs torch threads can deadlock).
+        agent_classes: the class of each agent, overriding ``benchmark.slot_classes(split,
+            num_agents)``: a rank's share of a meta-batch sharded over DDP ranks, which need not
+            cover the classes evenly by itself. Each must be a class of ``split``.
 
     Attributes:
         agent_classes: the class of each agent (fixed for the env's life).
@@ -206,6 +209,7 @@ class MetaWorldVectorEnv:
         task_one_hot: bool = False,
         terminate_on_success: bool = False,
         start_method: str = "forkserver",
+        agent_classes: Sequence[str] | None = None,
     ) -> None:
         if envs_per_agent < 1:
             raise ValueError(f"envs_per_agent: must be >= 1, got {envs_per_agent}")
@@ -215,7 +219,22 @@ class MetaWorldVectorEnv:
             raise ValueError(f"num_workers: must be >= 0 (0 = in-process), got {num_workers}")
         if start_method not in ("forkserver", "spawn"):
             raise ValueError(f"start_method: unknown {start_method!r}; valid: forkserver, spawn")
-        self.agent_classes = benchmark.slot_classes(split, num_agents)  # type: ignore[arg-type]
+        if agent_classes is None:
+            self.agent_classes = benchmark.slot_classes(split, num_agents)  # type: ignore[arg-type]
+        else:
+            self.agent_classes = list(agent_classes)
+            if len(self.agent_classes) != num_agents:
+                raise ValueError(
+                    f"agent_classes: expected {num_agents} (one per agent), "
+                    f"got {len(self.agent_classes)}"
+                )
+            valid = benchmark.classes(split)  # type: ignore[arg-type]
+            for k, cls in enumerate(self.agent_classes):
+                if cls not in valid:
+                    raise ValueError(
+                        f"agent_classes[{k}]: {cls!r} is not a {split} class of "
+                        f"{benchmark.name}; valid: {', '.join(valid)}"
+                    )
         self.num_agents = num_agents
         self.envs_per_agent = envs_per_agent
         self.max_episode_steps = max_episode_steps
@@ -393,7 +412,12 @@ class MetaWorldVectorEnv:
                 msg = conn.recv_bytes()
                 status, payload = ("ok", None) if msg == expect else pickle.loads(msg)
             except EOFError:
-                status, payload = "error", f"worker {w} died (exit code {self._procs[w].exitcode})"
+                self._procs[w].join(timeout=1.0)  # reap it, for the exit code
+                status, payload = "error", (
+                    f"worker {w} died (exit code {self._procs[w].exitcode}); if it never started, "
+                    "the main script may lack an `if __name__ == '__main__':` guard (the workers "
+                    "re-import it)"
+                )
             if status == "error" and error is None:
                 error = f"worker {w} failed:\n{payload}"
         if error is not None:

@@ -54,8 +54,50 @@ class S5Block(nn.Module):
         return self._mix(x_t, y), h
 
 
+class S5Trunk(nn.Module):
+    """Encoder, a stack of :class:`S5Block` and an output norm: observations to features.
+
+    Args:
+        observation_dim: input size ``D``.
+        hidden_dim: model width ``H``.
+        state_dim: S5 state size ``P`` per block.
+        num_layers: number of blocks ``L``.
+    """
+
+    def __init__(self, observation_dim: int, hidden_dim: int, state_dim: int, num_layers: int) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(observation_dim, hidden_dim)
+        self.blocks = nn.ModuleList(S5Block(hidden_dim, state_dim) for _ in range(num_layers))
+        self.out_norm = nn.LayerNorm(hidden_dim)
+
+    def forward(
+        self, observations: torch.Tensor, state: torch.Tensor, resets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``observations`` ``(B, T, D)``, ``state`` ``(B, L, N, 2)`` -> features ``(B, T, H)``, state."""
+        x = F.gelu(self.encoder(observations))  # (B, T, H)
+        new_states = []
+        if observations.shape[1] == 1:
+            # Rollout step: O(1), resets zero the carried state before the step.
+            keep = (~resets).to(x.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1), as T == 1
+            state = state * keep  # (B, L, N, 2)
+            x_t = x[:, 0]  # (B, H)
+            for i, block in enumerate(self.blocks):
+                x_t, h = block.step(x_t, state[:, i])
+                new_states.append(h)
+            x = x_t.unsqueeze(1)  # (B, 1, H)
+        else:
+            for i, block in enumerate(self.blocks):
+                x, h = block(x, state[:, i], resets)
+                new_states.append(h)
+        return self.out_norm(x), torch.stack(new_states, dim=1)
+
+
 class SSMActorCritic(ActorCritic):
-    """Shared S5 trunk with a Gaussian action head and a value head.
+    """S5 trunks with a Gaussian action head and a value head.
+
+    By default actor and critic have separate trunks (and separate states). With a shared trunk
+    the value loss, on the scale of squared returns, dominates the trunk's gradient; on 2-D
+    navigation that made meta-training diverge, while separate trunks learn like the MLP.
 
     Args:
         observation_dim: size of the observation vector (env observation plus anything the data
@@ -63,8 +105,9 @@ class SSMActorCritic(ActorCritic):
         action_dim: size of the action vector.
         hidden_dim: model width ``H`` of encoder and blocks.
         state_dim: S5 state size ``P`` per block (``P / 2`` complex modes are stored).
-        num_layers: number of S5 blocks.
+        num_layers: number of S5 blocks per trunk.
         init_log_std: initial value of the state-independent log standard deviation.
+        shared_trunk: one trunk for actor and critic (half the cost, see above for the risk).
     """
 
     def __init__(
@@ -75,15 +118,15 @@ class SSMActorCritic(ActorCritic):
         state_dim: int = 64,
         num_layers: int = 2,
         init_log_std: float = -0.5,
+        shared_trunk: bool = False,
     ) -> None:
         super().__init__()
         self.observation_dim = observation_dim
         self.action_dim = action_dim
         self.num_layers = num_layers
         self.num_modes = state_dim // 2
-        self.encoder = nn.Linear(observation_dim, hidden_dim)
-        self.blocks = nn.ModuleList(S5Block(hidden_dim, state_dim) for _ in range(num_layers))
-        self.out_norm = nn.LayerNorm(hidden_dim)
+        self.actor_trunk = S5Trunk(observation_dim, hidden_dim, state_dim, num_layers)
+        self.critic_trunk = None if shared_trunk else S5Trunk(observation_dim, hidden_dim, state_dim, num_layers)
         self.action_head = nn.Linear(hidden_dim, action_dim)
         self.value_head = nn.Linear(hidden_dim, 1)
         self.log_std = nn.Parameter(torch.full((action_dim,), float(init_log_std)))
@@ -101,36 +144,28 @@ class SSMActorCritic(ActorCritic):
         return {"ssm": ssm, "default": default}
 
     def initial_state(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
-        """Zero state ``(batch_size, num_layers, N, 2)``."""
-        dtype = self.encoder.weight.dtype
-        return torch.zeros(batch_size, self.num_layers, self.num_modes, 2, device=device, dtype=dtype)
+        """Zero state ``(batch_size, trunks * num_layers, N, 2)``."""
+        dtype = self.action_head.weight.dtype
+        trunks = 1 if self.critic_trunk is None else 2
+        return torch.zeros(batch_size, trunks * self.num_layers, self.num_modes, 2, device=device, dtype=dtype)
 
     def forward(
         self, observations: torch.Tensor, state: torch.Tensor, resets: torch.Tensor
     ) -> PolicyOutput:
-        """See :meth:`ActorCritic.forward`; ``state`` is ``(B, num_layers, N, 2)``."""
-        x = F.gelu(self.encoder(observations))  # (B, T, H)
-        new_states = []
-        if observations.shape[1] == 1:
-            # Rollout step: O(1), resets zero the carried state before the step.
-            keep = (~resets).to(x.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1), as T == 1
-            state = state * keep  # (B, L, N, 2)
-            x_t = x[:, 0]  # (B, H)
-            for i, block in enumerate(self.blocks):
-                x_t, h = block.step(x_t, state[:, i])
-                new_states.append(h)
-            x = x_t.unsqueeze(1)  # (B, 1, H)
+        """See :meth:`ActorCritic.forward`; ``state`` is ``(B, trunks * num_layers, N, 2)``."""
+        L = self.num_layers
+        actor_x, actor_h = self.actor_trunk(observations, state[:, :L], resets)  # (B, T, H)
+        if self.critic_trunk is None:
+            critic_x, new_state = actor_x, actor_h
         else:
-            for i, block in enumerate(self.blocks):
-                x, h = block(x, state[:, i], resets)
-                new_states.append(h)
-        x = self.out_norm(x)
-        mean = self.action_head(x)  # (B, T, A)
+            critic_x, critic_h = self.critic_trunk(observations, state[:, L:], resets)
+            new_state = torch.cat([actor_h, critic_h], dim=1)
+        mean = self.action_head(actor_x)  # (B, T, A)
         return PolicyOutput(
             mean=mean,
             # Expanded, not (A,): under vmap over agents an (A,) output becomes (K, A), which no
             # longer broadcasts against (K, B, T, A).
             log_std=self.log_std.expand_as(mean),  # (B, T, A)
-            value=self.value_head(x).squeeze(-1),  # (B, T)
-            state=torch.stack(new_states, dim=1),  # (B, L, N, 2)
+            value=self.value_head(critic_x).squeeze(-1),  # (B, T)
+            state=new_state,  # (B, trunks * L, N, 2)
         )

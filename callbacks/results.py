@@ -1,0 +1,206 @@
+"""``results.json`` and ``training_curves.png`` in the run folder, and in the MLflow run.
+
+Refreshed after every evaluation, at the end of fitting and when a fit is interrupted. The history
+lives in this callback's checkpoint state, so a resumed run continues the same file. ``validate`` and
+``test`` write ``validate_results.json`` / ``test_results.json`` instead (they never touch the
+fit's files).
+
+``results.json`` (``schema_version`` 1)::
+
+    schema_version   1
+    status           running | finished | killed | failed
+    config           the resolved config (what ``config.yaml`` holds), as a mapping
+    mlflow           {run_id, tracking_uri} or null
+    epochs_completed int
+    env_steps        int, total environment steps (all ranks, support + query)
+    wall_time_s      float, training time summed over the processes that made the run
+    train            one entry per epoch: epoch, step, env_steps, wall_time_s and the epoch means of
+                     pre/post_adaptation_return, pre/post_adaptation_success, meta_loss, policy_loss,
+                     value_loss, entropy
+    eval             one entry per evaluation: epoch, step, env_steps and
+                     pre/post_adaptation_return, pre/post_adaptation_success
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from callbacks.atomic_io import write_json_atomic
+from callbacks.curves import plot_training_curves
+from callbacks.mlflow_run import mlflow_loggers
+
+SCHEMA_VERSION = 1
+RESULTS_FILE = "results.json"
+CURVES_FILE = "training_curves.png"
+TRAIN_KEYS = (
+    "pre_adaptation_return",
+    "post_adaptation_return",
+    "pre_adaptation_success",
+    "post_adaptation_success",
+    "meta_loss",
+    "policy_loss",
+    "value_loss",
+    "entropy",
+)
+EVAL_KEYS = ("pre_adaptation_return", "post_adaptation_return", "pre_adaptation_success", "post_adaptation_success")
+
+
+def _scalar(metrics: dict[str, Any], key: str) -> float | None:
+    value = metrics.get(key)
+    return None if value is None else float(value)
+
+
+class ResultsWriter(Callback):
+    """Writes ``results.json`` and ``training_curves.png`` to ``default_root_dir`` (and to MLflow).
+
+    Args:
+        plot: draw ``training_curves.png``.
+        log_to_mlflow: upload both files to the MLflow run whenever they are refreshed.
+    """
+
+    def __init__(self, plot: bool = True, log_to_mlflow: bool = True) -> None:
+        self.plot = plot
+        self.log_to_mlflow = log_to_mlflow
+        self.config: dict[str, Any] | None = None
+        self.train: list[dict[str, Any]] = []
+        self.eval: list[dict[str, Any]] = []
+        self._wall_before = 0.0  # training seconds of earlier processes of this run (from the checkpoint)
+        self._started: float | None = None
+
+    @property
+    def state_key(self) -> str:
+        return "ResultsWriter"
+
+    def set_run_config(self, config: dict[str, Any]) -> None:
+        """The resolved config to embed (the CLI calls this; without it, the hyper-parameters are used)."""
+        self.config = config
+
+    # ---------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"train": self.train, "eval": self.eval, "wall_time_s": self._wall_time()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train = list(state_dict["train"])
+        self.eval = list(state_dict["eval"])
+        self._wall_before = float(state_dict["wall_time_s"])
+
+    def _wall_time(self) -> float:
+        return self._wall_before + (time.perf_counter() - self._started if self._started is not None else 0.0)
+
+    # --------------------------------------------------------------------------------- collect
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start this process's share of the wall-clock time."""
+        self._started = time.perf_counter()
+
+    @staticmethod
+    def _position(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int]:
+        env_steps = getattr(pl_module, "env_steps", 0)
+        return {
+            "epoch": int(trainer.current_epoch),
+            "step": int(trainer.fit_loop.epoch_loop._batches_that_stepped),
+            "env_steps": int(env_steps),
+        }
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Append this epoch's means (runs before the checkpoint is written, so the checkpoint holds it)."""
+        metrics = trainer.callback_metrics
+        entry: dict[str, Any] = self._position(trainer, pl_module)
+        entry["step"] -= 1  # the step the epoch's last iteration was logged at
+        entry["wall_time_s"] = round(self._wall_time(), 3)
+        for key in TRAIN_KEYS:
+            entry[key] = _scalar(metrics, f"train/{key}_epoch")
+        self.train.append(entry)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Record the evaluation and refresh the files (``validate``: write ``validate_results.json``)."""
+        if trainer.sanity_checking:
+            return
+        if trainer.state.fn != "fit":
+            self._write_stage_results(trainer, "validate", "val")
+            return
+        # Evaluation runs before the epoch's last iteration is counted: no -1 (the step val/* is logged at).
+        entry: dict[str, Any] = self._position(trainer, pl_module)
+        for key in EVAL_KEYS:
+            entry[key] = _scalar(trainer.callback_metrics, f"val/{key}")
+        self.eval.append(entry)
+        self._refresh(trainer, pl_module, "running")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """``test``: write ``test_results.json``."""
+        self._write_stage_results(trainer, "test", "test")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Final refresh."""
+        self._refresh(trainer, pl_module, "finished")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Leave the files saying how the run ended."""
+        if trainer.state.fn == "fit":
+            status = "killed" if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) else "failed"
+            with contextlib.suppress(Exception):  # must not mask the original exception
+                self._refresh(trainer, pl_module, status)
+
+    # ----------------------------------------------------------------------------------- write
+    def _run_config(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        if self.config is not None:
+            return self.config
+        datamodule = trainer.datamodule
+        return {"model": dict(pl_module.hparams), "data": dict(getattr(datamodule, "hparams", {}) or {})}
+
+    def _mlflow(self, trainer: L.Trainer) -> dict[str, Any] | None:
+        loggers = mlflow_loggers(trainer)
+        return {"run_id": loggers[0].run_id, "tracking_uri": loggers[0]._tracking_uri} if loggers else None
+
+    def results(self, trainer: L.Trainer, pl_module: L.LightningModule, status: str) -> dict[str, Any]:
+        """The ``results.json`` payload (module docstring)."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "status": status,
+            "config": self._run_config(trainer, pl_module),
+            "mlflow": self._mlflow(trainer),
+            "epochs_completed": len(self.train),
+            "env_steps": int(getattr(pl_module, "env_steps", 0)),
+            "wall_time_s": round(self._wall_time(), 3),
+            "train": self.train,
+            "eval": self.eval,
+        }
+
+    def _refresh(self, trainer: L.Trainer, pl_module: L.LightningModule, status: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        payload = self.results(trainer, pl_module, status)
+        paths = [os.path.join(trainer.default_root_dir, RESULTS_FILE)]
+        write_json_atomic(paths[0], payload)
+        if self.plot:
+            paths.append(os.path.join(trainer.default_root_dir, CURVES_FILE))
+            plot_training_curves(payload, paths[1])
+        self._upload(trainer, paths)
+
+    def _write_stage_results(self, trainer: L.Trainer, stage: str, prefix: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = {k: _scalar(trainer.callback_metrics, f"{prefix}/{k}") for k in EVAL_KEYS}
+        payload = {
+            "schema_version": SCHEMA_VERSION,
+            "stage": stage,
+            "checkpoint": trainer.ckpt_path,
+            "config": self.config,
+            "mlflow": self._mlflow(trainer),
+            "metrics": metrics,
+        }
+        path = os.path.join(trainer.default_root_dir, f"{stage}_results.json")
+        write_json_atomic(path, payload)
+        self._upload(trainer, [path])
+
+    def _upload(self, trainer: L.Trainer, paths: list[str]) -> None:
+        if self.log_to_mlflow:
+            for logger in mlflow_loggers(trainer):
+                for path in paths:
+                    logger.experiment.log_artifact(logger.run_id, path)
