@@ -64,6 +64,10 @@ class MetaRLCLI(LightningCLI):
         )
 
     # ------------------------------------------------------------------------ resume in MLflow
+    def _subcommand_config(self) -> Any:
+        # `run=False` (tests, notebooks) parses without a subcommand: the config is top-level.
+        return self.config[self.subcommand] if self.subcommand else self.config
+
     def _resolve_ckpt_path(self, config: Any) -> str | None:
         """``last``/``best`` -> the file in the run's checkpoint folder (when it exists), else as given."""
         ckpt_path = config.get("ckpt_path")
@@ -90,7 +94,7 @@ class MetaRLCLI(LightningCLI):
         ``fit``: continue that run (``run_id``) when the configured tracking store has it.
         ``validate``/``test``: a new run, nested under the training run in the MLflow UI.
         """
-        config = self.config[self.subcommand]
+        config = self._subcommand_config()
         ckpt_path = self._resolve_ckpt_path(config)
         logger_args = self._mlflow_logger_args(config)
         if not ckpt_path or logger_args is None or not os.path.isfile(ckpt_path):
@@ -123,7 +127,7 @@ class MetaRLCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         """Give the results writer the resolved config to embed in ``results.json``."""
         parser = self._parser(self.subcommand)
-        config = json.loads(parser.dump(self.config[self.subcommand], format="json", skip_none=False))
+        config = json.loads(parser.dump(self._subcommand_config(), format="json", skip_none=False))
         config.pop("config", None)
         for callback in self.trainer.callbacks:
             if isinstance(callback, ResultsWriter):

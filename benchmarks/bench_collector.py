@@ -1,0 +1,96 @@
+"""Collector throughput on MT10: the multi-agent collector vs random stepping of the same envs.
+
+Prints, each a ratio measured in one run:
+  * env steps/s of the collector acting with a policy (MLP and S5; one vmapped call per step for all
+    agents) vs the same worker layout stepped with random actions (target >= 0.85);
+  * end-to-end env steps/s of full meta-training iterations (support + adapt + query + PPO update)
+    vs random stepping, and the share of an iteration spent collecting.
+
+Usage: python benchmarks/bench_collector.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import lightning as L
+import numpy as np
+import torch
+
+from metarl_lightning.algorithms.maml import stack_for_agents
+from metarl_lightning.data import MetaTaskDataModule
+from metarl_lightning.envs.benchmarks import make_benchmark
+from metarl_lightning.envs.workers import MetaWorldVectorEnv
+from metarl_lightning.module import MetaRLModule
+from metarl_lightning.policies import MLPActorCritic, SSMActorCritic
+from metarl_lightning.rollouts import RolloutCollector
+
+
+def random_steps_per_s(env: MetaWorldVectorEnv, steps: int) -> float:
+    rng = np.random.default_rng(0)
+    env.reset()
+    start = time.perf_counter()
+    for _ in range(steps):
+        env.step(rng.uniform(-1, 1, size=(env.num_envs, env.action_dim)).astype(np.float32))
+    return steps * env.num_envs / (time.perf_counter() - start)
+
+
+def collector_steps_per_s(env: MetaWorldVectorEnv, policy: torch.nn.Module, steps: int) -> float:
+    collector = RolloutCollector(env)
+    params = {k: v.detach() for k, v in stack_for_agents(dict(policy.named_parameters()), env.num_agents).items()}
+    noise = torch.randn(env.num_agents, env.envs_per_agent, steps, env.action_dim)
+    start = time.perf_counter()
+    collector.collect(policy, params, steps, noise)
+    return steps * env.num_envs / (time.perf_counter() - start)
+
+
+class _Throughput(L.Callback):
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+        self.collect_share: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.rates.append(float(trainer.callback_metrics["train/env_steps_per_s"]))
+        self.collect_share.append(float(trainer.callback_metrics["train/collect_fraction"]))
+
+
+def end_to_end(policy_name: str, steps: int, iterations: int) -> tuple[float, float]:
+    data = MetaTaskDataModule("MT10", meta_batch_size=10, rollouts_per_task=2, envs_per_task=2, max_episode_steps=steps, num_env_workers=2)
+    policy = MLPActorCritic(39, 4) if policy_name == "mlp" else SSMActorCritic(39, 4)
+    meter = _Throughput()
+    trainer = L.Trainer(max_epochs=iterations, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, inference_mode=False, limit_val_batches=0, num_sanity_val_steps=0,
+                        callbacks=[meter], accelerator="cpu")
+    trainer.fit(MetaRLModule(policy, ppo_epochs=4), data)
+    # The first iteration pays for worker start-up and lazy initialisation.
+    return float(np.median(meter.rates[1:])), float(np.median(meter.collect_share[1:]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer steps (noisier)")
+    args = parser.parse_args()
+    steps = 100 if args.quick else 400
+    torch.set_num_threads(1)
+    bench = make_benchmark("MT10")
+    env = MetaWorldVectorEnv(bench, "train", num_agents=10, envs_per_agent=2, num_workers=2, max_episode_steps=steps + 1)
+    env.set_tasks(bench.sample_tasks("train", 10, np.random.default_rng(0)))
+    rows = []
+    for name, policy in (("mlp", MLPActorCritic(39, 4)), ("ssm", SSMActorCritic(39, 4))):
+        # Interleave so load from other processes hits both sides alike.
+        random_rate = random_steps_per_s(env, steps)
+        policy_rate = collector_steps_per_s(env, policy, steps)
+        rows.append((name, random_rate, policy_rate))
+    env.close()
+    print(f"{'policy':8} {'random steps/s':>15} {'collector steps/s':>18} {'ratio':>6}")
+    for name, random_rate, policy_rate in rows:
+        print(f"{name:8} {random_rate:15.0f} {policy_rate:18.0f} {policy_rate / random_rate:6.2f}")
+    reference = float(np.mean([r for _, r, _ in rows]))
+    for name in ("mlp", "ssm"):
+        rate, share = end_to_end(name, steps, 3 if args.quick else 5)
+        print(f"end-to-end meta-iteration ({name}): {rate:.0f} env steps/s = {rate / reference:.2f} x random stepping; collection {share:.0%} of the iteration")
+
+
+if __name__ == "__main__":
+    main()

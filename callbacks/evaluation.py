@@ -1,0 +1,151 @@
+"""Meta-World's official evaluation protocol as a Lightning callback.
+
+Runs ``metarl_lightning.evaluation`` (``metaworld.evaluation`` unchanged, through our adapter) every
+``every_n_epochs`` training epochs and, for the ``validate`` / ``test`` subcommands, once at the end of
+their epoch. Logs ``eval/success_rate``, ``eval/return`` and ``eval/success/<task>``.
+
+Distributed: the evaluation runs on rank 0 only (its cost does not shrink with more ranks, and the
+protocol is one sequential loop); the result is then broadcast and *every* rank logs the same
+values. Every rank reaches the hook and the broadcast, so nothing deadlocks, and the metrics exist
+on all ranks, so ``eval/success_rate`` can be a ``ModelCheckpoint`` monitor under DDP too.
+
+The hooks are the ``*_epoch_end`` ones (not ``on_validation_end`` / ``on_test_end``): Lightning only
+allows ``LightningModule.log`` in those. Validation may run under ``inference_mode``, which would
+forbid the inner update: the evaluation steps out of it explicitly.
+
+2-D navigation is not a Meta-World benchmark: the callback then does nothing (logged once).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+
+from metarl_lightning.evaluation import evaluate_meta_learning, evaluate_multi_task
+
+log = logging.getLogger(__name__)
+
+
+class MetaWorldEvaluation(Callback):
+    """Official Meta-World evaluation (ML: adapt then evaluate on test goals; MT: evaluate theta).
+
+    The benchmark, its ``env_name``, seed, episode length, fast-env and one-hot settings come from
+    the trainer's data module, so evaluation sees exactly the benchmark training used.
+
+    Args:
+        every_n_epochs: evaluate after every n-th training epoch; 0 never during ``fit``.
+        num_evals: ML only: test goals per test class (metaworld's default is 10).
+        adaptation_episodes: ML only: episodes per task collected before the inner update.
+        evaluation_episodes: episodes per task after adaptation (ML) or per class (MT).
+        max_episode_steps: episode length; ``null``: the data module's ``max_episode_steps``.
+        on_validate: also evaluate at the end of the ``validate`` subcommand.
+        on_test: also evaluate at the end of the ``test`` subcommand.
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        num_evals: int = 10,
+        adaptation_episodes: int = 10,
+        evaluation_episodes: int = 3,
+        max_episode_steps: int | None = None,
+        on_validate: bool = True,
+        on_test: bool = True,
+    ) -> None:
+        for name, value, low in (
+            ("every_n_epochs", every_n_epochs, 0),
+            ("num_evals", num_evals, 1),
+            ("adaptation_episodes", adaptation_episodes, 1),
+            ("evaluation_episodes", evaluation_episodes, 1),
+        ):
+            if value < low:
+                raise ValueError(f"MetaWorldEvaluation.{name}: must be >= {low}, got {value}")
+        if max_episode_steps is not None and max_episode_steps < 1:
+            raise ValueError(f"MetaWorldEvaluation.max_episode_steps: must be >= 1 or null, got {max_episode_steps}")
+        self.every_n_epochs = every_n_epochs
+        self.num_evals = num_evals
+        self.adaptation_episodes = adaptation_episodes
+        self.evaluation_episodes = evaluation_episodes
+        self.max_episode_steps = max_episode_steps
+        self.on_validate = on_validate
+        self.on_test = on_test
+        self._skip_noted = False
+        self.last_result: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------------------------ hooks
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Evaluate after every ``every_n_epochs``-th training epoch."""
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._evaluate_and_log(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Evaluate at the end of ``validate`` (not of fit's own validation loops)."""
+        if self.on_validate and trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
+            self._evaluate_and_log(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Evaluate at the end of ``test``."""
+        if self.on_test:
+            self._evaluate_and_log(trainer, pl_module)
+
+    # ---------------------------------------------------------------------------------- helpers
+    def _settings(self, trainer: L.Trainer) -> dict[str, Any] | None:
+        """What to evaluate, read off the data module; ``None`` when it is not Meta-World."""
+        dm = trainer.datamodule
+        benchmark = getattr(dm, "benchmark", None)
+        if not isinstance(benchmark, str) or not benchmark.startswith(("ML", "MT")):
+            if not self._skip_noted:
+                self._skip_noted = True
+                log.info("MetaWorldEvaluation: benchmark %r is not Meta-World; skipping evaluation", benchmark)
+            return None
+        return {
+            "benchmark_name": benchmark,
+            "env_name": getattr(dm, "env_name", None),
+            "seed": int(getattr(dm, "seed", 0)),
+            "max_episode_steps": self.max_episode_steps or getattr(dm, "max_episode_steps", None),
+            "fast": bool(getattr(dm, "fast_envs", True)),
+            "cache_dir": getattr(dm, "benchmark_cache_dir", None),
+            "one_hot": bool(getattr(dm, "task_one_hot", False)),
+        }
+
+    def evaluate(self, pl_module: L.LightningModule, settings: dict[str, Any]) -> dict[str, Any]:
+        """Run the protocol for ``settings`` (from the data module) on this process."""
+        common = {k: settings[k] for k in ("benchmark_name", "env_name", "seed", "max_episode_steps", "fast", "cache_dir")}
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            # Validation may run under inference_mode, in which the inner update cannot take grads.
+            with torch.inference_mode(False), torch.enable_grad():
+                if settings["benchmark_name"].startswith("ML"):
+                    return evaluate_meta_learning(
+                        pl_module,
+                        num_evals=self.num_evals,
+                        adaptation_episodes=self.adaptation_episodes,
+                        evaluation_episodes=self.evaluation_episodes,
+                        **common,
+                    )
+                return evaluate_multi_task(
+                    pl_module, num_episodes=self.evaluation_episodes, task_one_hot=settings["one_hot"], **common
+                )
+        finally:
+            pl_module.train(was_training)
+
+    def _evaluate_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        settings = self._settings(trainer)
+        if settings is None:
+            return
+        result = self.evaluate(pl_module, settings) if trainer.is_global_zero else None
+        if trainer.world_size > 1:
+            # Every rank is here (Lightning calls callback hooks on all ranks): no deadlock.
+            result = trainer.strategy.broadcast(result, src=0)
+        assert result is not None
+        self.last_result = result
+        metrics = {"eval/success_rate": result["success_rate"], "eval/return": result["return"]}
+        metrics.update({f"eval/success/{task}": rate for task, rate in result["success_per_task"].items()})
+        # Identical on every rank after the broadcast: no sync needed.
+        pl_module.log_dict({k: float(v) for k, v in metrics.items()}, on_step=False, on_epoch=True, sync_dist=False)

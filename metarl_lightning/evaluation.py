@@ -1,0 +1,356 @@
+"""Meta-World's official evaluation protocol, run with our policy and our MAML inner update.
+
+Published Meta-World numbers come from ``metaworld.evaluation.evaluation`` (MT) and
+``metaworld.evaluation.metalearning_evaluation`` (ML). They are called here *unchanged*; this module
+only supplies what they expect:
+
+* :func:`make_eval_envs`: the vector env, built from our cached :class:`Benchmark` with metaworld's own
+  per-env wrapper stack (``metaworld._init_each_env``: TimeLimit, AutoTerminateOnSuccess,
+  RecordEpisodeStatistics, task-select wrapper), one env per task class, synchronous. The simulators
+  are our bit-identical fast classes (``envs.fast.env_class``) when verified, else the stock ones; the
+  fast classes report the stock ``task_name``, which metaworld uses to name tasks.
+* :class:`MetaWorldAgent`: the ``MetaLearningAgent`` protocol over a :class:`MetaRLModule`: every env
+  (= task) has its own parameter set; adaptation data is turned into a ``[K, 1, T]`` :class:`Rollout`
+  and adapted with the module's own inner update (``MetaRLModule._adapt``, first order).
+
+Differences from the upstream vector envs, on purpose: ML evaluation uses one env per test class
+(upstream ``make_vec`` builds ``meta_batch_size`` envs, several per class, which only changes how many
+goals run in parallel), and ``num_goals``/``max_episode_steps`` can shrink a run for quick checks.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import gymnasium as gym
+import metaworld
+import numpy as np
+import numpy.typing as npt
+import torch
+from metaworld.evaluation import Timestep, evaluation, metalearning_evaluation
+
+from metarl_lightning.algorithms.maml import stack_for_agents
+from metarl_lightning.algorithms.ppo import gaussian_log_prob
+from metarl_lightning.envs.benchmarks import Benchmark, Split, make_benchmark
+from metarl_lightning.envs.fast import env_class
+from metarl_lightning.policies.functional import batched_policy_forward
+from metarl_lightning.rollouts import Rollout
+
+
+def make_eval_envs(
+    benchmark: Benchmark,
+    split: Split = "test",
+    seed: int = 0,
+    max_episode_steps: int | None = None,
+    num_goals: int | None = None,
+    fast: bool = True,
+) -> gym.vector.SyncVectorEnv:
+    """The vector env metaworld's evaluation functions expect: one env per class of ``split``.
+
+    ML benchmarks get metaworld's ML-test settings (pseudo-random goal order, advanced only by
+    ``sample_tasks``; goal hidden by the tasks themselves); MT benchmarks its MT settings (a random
+    goal at every reset, goal visible).
+
+    Args:
+        benchmark: a built benchmark (:func:`make_benchmark`).
+        split: ``"test"`` (held-out classes/goals for ML; the training goals for MT) or ``"train"``.
+        seed: seeds the simulators and the goal order (``env.seed``, as metaworld does).
+        max_episode_steps: time limit; ``None`` keeps Meta-World's 500.
+        num_goals: use only the first ``num_goals`` goals of each class (quick runs).
+        fast: use the fast simulator classes when verified.
+    """
+    tasks_by_class = benchmark.tasks(split)
+    meta_learning = benchmark.is_meta_learning
+    factories = []
+    for name in benchmark.classes(split):
+        tasks = list(tasks_by_class[name])[:num_goals] if num_goals else list(tasks_by_class[name])
+        factories.append(
+            partial(
+                # Private, but it *is* the wrapper stack of make_mt_envs/make_ml_envs; reusing it keeps
+                # infos["final_info"]["episode"] and the toggles the protocol calls identical.
+                metaworld._init_each_env,
+                env_cls=env_class(name, fast),
+                tasks=tasks,
+                seed=seed,
+                max_episode_steps=max_episode_steps,
+                terminate_on_success=meta_learning,
+                task_select="pseudorandom" if meta_learning else "random",
+                reward_function_version=benchmark.reward_function_version,
+            )
+        )
+    # SAME_STEP autoreset: the protocol reads infos["final_info"] on the step an episode ends.
+    return gym.vector.SyncVectorEnv(factories, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+
+
+class MetaWorldAgent:
+    """``metaworld.evaluation.MetaLearningAgent`` over a :class:`MetaRLModule` (MAML + PPO).
+
+    Env ``k`` of the eval vector env is agent ``k``: it starts from the meta-parameters theta at
+    :meth:`init`, samples actions with its own parameters while adapting, and after :meth:`adapt`
+    acts deterministically (the Gaussian mean) with its adapted theta_k'.
+
+    GAE and truncation: metaworld's loop hands the agent no final observation of a truncated
+    episode (with same-step autoreset, ``next_obs`` is already the next episode's first). We
+    bootstrap a truncated step with the value of that step's own observation, V(s_t) instead of
+    V(s_{t+1}): one step off, where the alternative (no bootstrap) would treat the time limit as a
+    failure state. Terminations (success with terminate-on-success) do not bootstrap.
+
+    Recurrent state is zeroed at every episode start, as the collector's ``reset_state_on="episode"``.
+
+    Args:
+        module: the meta-learner (its ``policy``, ``_adapt`` and ``hparams`` gamma/gae_lambda).
+        num_envs: envs in the eval vector env.
+        observation_suffix: ``[num_envs, X]`` appended to every observation (MT task one-hots).
+        action_limit: actions sent to the env are clipped to ``[-action_limit, action_limit]``.
+        seed: seeds the exploration noise of adaptation.
+    """
+
+    def __init__(
+        self,
+        module: Any,
+        num_envs: int,
+        observation_suffix: npt.NDArray | None = None,
+        action_limit: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        self.module = module
+        self.policy = module.policy
+        # Acting follows the module's device (a GPU-trained module evaluates where it lives).
+        self.device = next(self.policy.parameters()).device
+        self.num_envs = num_envs
+        self.action_limit = action_limit
+        self.suffix = None if observation_suffix is None else np.asarray(observation_suffix, dtype=np.float32)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.params: dict[str, torch.Tensor] = {}
+        self.init()
+
+    # -------------------------------------------------------------------------------- helpers
+    def _initial_state(self) -> torch.Tensor:
+        """Zero recurrent state, ``[K, 1, *S]`` (one env per agent)."""
+        state = self.policy.initial_state(self.num_envs, device=self.device)
+        return state.reshape(self.num_envs, 1, *state.shape[1:])
+
+    def _obs(self, observations: npt.NDArray) -> torch.Tensor:
+        obs = np.asarray(observations, dtype=np.float32)
+        if self.suffix is not None:
+            obs = np.concatenate([obs, self.suffix], axis=1)
+        return torch.as_tensor(obs, device=self.device)
+
+    def _forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step for all envs with their own parameters; advances the recurrent state."""
+        K = self.num_envs
+        out = batched_policy_forward(
+            self.policy, self.params, obs.reshape(K, 1, 1, -1), self.state, self.pending_reset.reshape(K, 1, 1)
+        )
+        self.state = out.state
+        self.pending_reset = torch.zeros(K, dtype=torch.bool, device=self.device)
+        mean = out.mean[:, 0, 0]
+        return mean, out.log_std.expand_as(out.mean)[:, 0, 0], out.value[:, 0, 0]
+
+    # -------------------------------------------------------------------------------- protocol
+    def init(self) -> None:
+        """Every env's parameters back to theta; clear the adaptation buffer and the state."""
+        theta = {k: v.detach() for k, v in self.policy.named_parameters()}
+        self.params = stack_for_agents(theta, self.num_envs)
+        self.state = self._initial_state()
+        self.pending_reset = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
+        self.buffer: dict[str, list[torch.Tensor]] = {}
+
+    def reset(self, env_mask: npt.NDArray[np.bool_]) -> None:
+        """Zero the recurrent state of the envs in ``env_mask`` before their next step."""
+        self.pending_reset = self.pending_reset | torch.as_tensor(np.asarray(env_mask, dtype=bool), device=self.device)
+
+    @torch.no_grad()
+    def eval_action(self, observations: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """Deterministic (mean) actions with each env's current (adapted) parameters."""
+        mean, _, _ = self._forward(self._obs(observations))
+        return mean.clamp(-self.action_limit, self.action_limit).cpu().numpy().astype(np.float64)
+
+    @torch.no_grad()
+    def adapt_action(
+        self, observations: npt.NDArray[np.float64]
+    ) -> tuple[npt.NDArray[np.float64], dict[str, npt.NDArray]]:
+        """Sampled, clipped actions; the aux dict carries what :meth:`step` stores.
+
+        Aux keys: ``obs`` (the policy input), ``raw_action`` (the unclipped sample the log-prob refers
+        to), ``log_prob``, ``value``, ``reset`` (state was zeroed before this step).
+        """
+        obs = self._obs(observations)
+        reset = self.pending_reset.clone()
+        mean, log_std, value = self._forward(obs)
+        noise = torch.randn(mean.shape, generator=self.generator, dtype=mean.dtype).to(self.device)
+        action = mean + torch.exp(log_std) * noise
+        aux = {
+            "obs": obs.cpu().numpy(),
+            "raw_action": action.cpu().numpy(),
+            "log_prob": gaussian_log_prob(mean, log_std, action).cpu().numpy(),
+            "value": value.cpu().numpy(),
+            "reset": reset.cpu().numpy(),
+        }
+        return action.clamp(-self.action_limit, self.action_limit).cpu().numpy().astype(np.float64), aux
+
+    def step(self, timestep: Timestep) -> None:
+        """Record one transition of every env; zero the state of envs whose episode ended."""
+        aux = timestep.aux_policy_outputs
+        record = {
+            "observations": torch.as_tensor(aux["obs"]),
+            "actions": torch.as_tensor(aux["raw_action"]),
+            "log_probs": torch.as_tensor(aux["log_prob"]),
+            "values": torch.as_tensor(aux["value"]),
+            "resets": torch.as_tensor(aux["reset"]),
+            "rewards": torch.as_tensor(np.asarray(timestep.reward, dtype=np.float32)),
+            "terminated": torch.as_tensor(np.asarray(timestep.terminated, dtype=bool)),
+            "truncated": torch.as_tensor(np.asarray(timestep.truncated, dtype=bool)),
+        }
+        for key, value in record.items():
+            self.buffer.setdefault(key, []).append(value)
+        self.reset(np.logical_or(timestep.terminated, timestep.truncated))
+
+    def adaptation_rollout(self) -> Rollout:
+        """The recorded adaptation data as a ``[K, 1, T, ...]`` rollout with GAE computed."""
+        data = {k: torch.stack(v, dim=1).unsqueeze(1).to(self.device) for k, v in self.buffer.items()}  # (K 1 T ...)
+        values, terminated, truncated = data["values"], data["terminated"], data["truncated"]
+        # Inside an episode V(s_{t+1}) is the next step's value; on truncation V(s_t) (class doc);
+        # on termination 0. The last step, still running, bootstraps with its own value as well.
+        following = torch.cat([values[..., 1:], values[..., -1:]], dim=-1)
+        done = terminated | truncated
+        next_values = torch.where(done, values, following)
+        next_values = torch.where(terminated, torch.zeros_like(values), next_values)
+        K = self.num_envs
+        rollout = Rollout(
+            next_values=next_values,
+            initial_state=self._initial_state(),
+            episode_return=data["rewards"].sum(dim=(1, 2)) / done.sum(dim=(1, 2)).clamp(min=1),
+            episode_success=torch.zeros(K, device=self.device),
+            **data,
+        )
+        rollout.compute_advantages(self.module.hparams.gamma, self.module.hparams.gae_lambda)
+        return rollout
+
+    def adapt(self) -> None:
+        """theta_k' from env ``k``'s adaptation data with the module's inner update (first order)."""
+        rollout = self.adaptation_rollout()
+        with torch.enable_grad():
+            leaf = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items()}
+            adapted = self.module._adapt(leaf, rollout, first_order=True)
+        self.params = {k: v.detach() for k, v in adapted.items()}
+        self.buffer = {}
+        self.pending_reset = torch.ones(self.num_envs, dtype=torch.bool)
+
+
+def _summary(success_rate: float, mean_return: float, per_task: dict[str, float]) -> dict[str, Any]:
+    return {
+        "success_rate": float(success_rate),
+        "return": float(mean_return),
+        "success_per_task": {name: float(v) for name, v in sorted(per_task.items())},
+    }
+
+
+def run_meta_learning(
+    agent: Any,
+    envs: gym.vector.VectorEnv,
+    num_evals: int,
+    adaptation_episodes: int,
+    evaluation_episodes: int,
+    adaptation_steps: int = 1,
+) -> dict[str, Any]:
+    """``metalearning_evaluation`` on any protocol agent (a ``MetaLearningAgent``).
+
+    Returns:
+        ``{"success_rate", "return", "success_per_task": {class: rate}}`` (means over ``num_evals``).
+    """
+    result = metalearning_evaluation(agent, envs, num_evals, adaptation_steps, adaptation_episodes, evaluation_episodes)
+    return _summary(*result)
+
+
+def run_multi_task(agent: Any, envs: gym.vector.VectorEnv, num_episodes: int) -> dict[str, Any]:
+    """``evaluation`` (MT protocol) on any protocol agent; same dict as :func:`run_meta_learning`."""
+    success_rate, mean_return, per_task, _ = evaluation(agent, envs, num_episodes)
+    return _summary(success_rate, mean_return, per_task)
+
+
+def evaluate_meta_learning(
+    module: Any,
+    benchmark_name: str,
+    env_name: str | None = None,
+    seed: int = 0,
+    num_evals: int = 10,
+    adaptation_episodes: int = 10,
+    evaluation_episodes: int = 3,
+    max_episode_steps: int | None = None,
+    adaptation_steps: int = 1,
+    fast: bool = True,
+    cache_dir: str | None = None,
+) -> dict[str, Any]:
+    """Official ML protocol on the test split: adapt to ``num_evals`` goals per test class, then evaluate.
+
+    Args:
+        module: a :class:`MetaRLModule`.
+        benchmark_name: ``ML1``, ``ML10`` or ``ML45``.
+        env_name: the environment of ML1.
+        seed: benchmark (goal generation) and simulator seed: the training seed gives the same split.
+        num_evals: goals evaluated per test class (metaworld's default 10; fewer for quick runs).
+        adaptation_episodes: episodes per env collected before the inner update.
+        evaluation_episodes: deterministic episodes per env after adaptation.
+        max_episode_steps: episode length (``None``: 500).
+        adaptation_steps: collect-then-adapt rounds (metaworld: 1).
+        fast: fast simulator classes when verified.
+        cache_dir: benchmark cache folder (``None``: default).
+
+    Returns:
+        ``{"success_rate", "return", "success_per_task": {class: rate}}``.
+    """
+    bench = make_benchmark(benchmark_name, env_name, seed, cache_dir=cache_dir)
+    if not bench.is_meta_learning:
+        raise ValueError(f"benchmark: {benchmark_name} is not a meta-learning benchmark; use evaluate_multi_task")
+    # All goals: the pseudo-random task wrapper shuffles them and walks num_evals distinct ones.
+    envs = make_eval_envs(bench, "test", seed, max_episode_steps, fast=fast)
+    try:
+        agent = MetaWorldAgent(module, envs.num_envs, seed=seed)
+        with torch.no_grad():
+            return run_meta_learning(agent, envs, num_evals, adaptation_episodes, evaluation_episodes, adaptation_steps)
+    finally:
+        envs.close()
+
+
+def evaluate_multi_task(
+    module: Any,
+    benchmark_name: str,
+    env_name: str | None = None,
+    seed: int = 0,
+    num_episodes: int = 50,
+    max_episode_steps: int | None = None,
+    task_one_hot: bool = False,
+    fast: bool = True,
+    cache_dir: str | None = None,
+) -> dict[str, Any]:
+    """Official MT protocol: ``num_episodes`` deterministic episodes per class with theta (no adaptation).
+
+    Args:
+        module: a :class:`MetaRLModule`.
+        benchmark_name: ``MT1``, ``MT10`` or ``MT50``.
+        env_name: the environment of MT1.
+        seed: benchmark and simulator seed.
+        num_episodes: episodes per class (metaworld's default 50).
+        max_episode_steps: episode length (``None``: 500).
+        task_one_hot: append the class one-hot over ``benchmark.all_classes``, as training did.
+        fast: fast simulator classes when verified.
+        cache_dir: benchmark cache folder.
+
+    Returns:
+        Same dict as :func:`evaluate_meta_learning`.
+    """
+    bench = make_benchmark(benchmark_name, env_name, seed, cache_dir=cache_dir)
+    envs = make_eval_envs(bench, "test", seed, max_episode_steps, fast=fast)
+    suffix = None
+    if task_one_hot:
+        index = {name: i for i, name in enumerate(bench.all_classes)}
+        suffix = np.zeros((envs.num_envs, len(index)), dtype=np.float32)
+        suffix[np.arange(envs.num_envs), [index[c] for c in bench.classes("test")]] = 1.0
+    try:
+        agent = MetaWorldAgent(module, envs.num_envs, observation_suffix=suffix, seed=seed)
+        with torch.no_grad():
+            return run_multi_task(agent, envs, num_episodes)
+    finally:
+        envs.close()

@@ -1,0 +1,126 @@
+"""In-process checks of the run callbacks' pieces: atomic checkpoint writes, RNG state, progress-bar
+formatting, results.json schema and the curves PNG, stale MLflow run detection."""
+
+from __future__ import annotations
+
+import io
+import os
+import json
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from callbacks import rng_state
+from callbacks.checkpointing import RunCheckpoint
+from callbacks.curves import plot_training_curves
+from callbacks.mlflow_run import mark_stale_run
+from callbacks.progress import format_metrics, human_rate
+from tests.run_outputs import check_plot, validate_results
+
+
+class _FakeTrainer(SimpleNamespace):
+    """Just what RunCheckpoint._save_checkpoint touches; ``save_checkpoint`` may crash half-way."""
+
+    def __init__(self, crash: bool) -> None:
+        super().__init__(is_global_zero=True, global_step=7, loggers=[], strategy=SimpleNamespace(barrier=lambda name=None: None))
+        self.crash = crash
+
+    def save_checkpoint(self, path: str, weights_only: bool = False) -> None:
+        with open(path, "wb") as handle:
+            if self.crash:
+                handle.write(b"PK\x03\x04 half a zip")
+                raise OSError("disk full (simulated)")
+            torch.save({"state_dict": {"w": torch.ones(3)}}, handle)
+
+
+def test_crash_while_saving_keeps_previous_checkpoint(tmp_path: Path) -> None:
+    callback = RunCheckpoint(dirpath=str(tmp_path))
+    target = str(tmp_path / "last.ckpt")
+    callback._save_checkpoint(_FakeTrainer(crash=False), target)
+    with pytest.raises(OSError, match="simulated"):
+        callback._save_checkpoint(_FakeTrainer(crash=True), target)
+    assert torch.equal(torch.load(target, weights_only=True)["state_dict"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"], "no temporary debris"
+
+
+def test_rng_state_survives_weights_only_checkpoint() -> None:
+    buffer = io.BytesIO()
+    torch.save({"rng_states": rng_state.capture_all_ranks(1)}, buffer)
+    expected = (random.random(), np.random.rand(), torch.rand(2))
+    buffer.seek(0)
+    rng_state.restore(torch.load(buffer, weights_only=True)["rng_states"][0])
+    again = (random.random(), np.random.rand(), torch.rand(2))
+    assert expected[:2] == again[:2] and torch.equal(expected[2], again[2])
+
+
+def test_progress_bar_format() -> None:
+    assert human_rate(16800.0) == "16.8k" and human_rate(424.0) == "424" and human_rate(2.5e6) == "2.5M"
+    shown = format_metrics({"v_num": "ab12", "steps_per_s": 16843.2, "post_return": torch.tensor(-41.2345)})
+    assert shown == {"env steps/s": "16.8k", "post-adapt return": "-41.23"}
+
+
+def _payload(epochs: int = 6) -> dict:
+    train = [
+        {"epoch": e, "step": e, "env_steps": 160 * (e + 1), "wall_time_s": 0.5 * (e + 1), "pre_adaptation_return": -10.0 + e,
+         "post_adaptation_return": -9.0 + 1.2 * e, "pre_adaptation_success": 0.0, "post_adaptation_success": 0.1 * e,
+         "meta_loss": 5.0 / (e + 1), "policy_loss": 0.01, "value_loss": 10.0 / (e + 1), "entropy": 1.9}
+        for e in range(epochs)
+    ]  # fmt: skip
+    evaluation = [
+        {"epoch": e, "step": e, "env_steps": 160 * (e + 1), "pre_adaptation_return": -10.0 + e, "post_adaptation_return": -8.0 + e,
+         "pre_adaptation_success": 0.0, "post_adaptation_success": 0.2 * e / epochs}
+        for e in range(1, epochs, 2)
+    ]  # fmt: skip
+    return {
+        "schema_version": 1, "status": "finished", "config": {"trainer": {}, "model": {}, "data": {"benchmark": "nav2d"}},
+        "mlflow": {"run_id": "abc", "tracking_uri": "sqlite:///mlflow.db"}, "epochs_completed": epochs,
+        "env_steps": 160 * epochs, "wall_time_s": 3.0, "train": train, "eval": evaluation,
+    }  # fmt: skip
+
+
+def test_results_schema_and_curves(tmp_path: Path) -> None:
+    payload = _payload()
+    validate_results(json.loads(json.dumps(payload)))
+    broken = _payload()
+    del broken["train"][2]["meta_loss"]
+    with pytest.raises(AssertionError, match="train\\[2\\]"):
+        validate_results(broken)
+    path = tmp_path / "training_curves.png"
+    plot_training_curves(payload, str(path))
+    check_plot(path)
+    blank = tmp_path / "blank.png"
+    from matplotlib import image
+
+    image.imsave(str(blank), np.ones((300, 600, 3)))
+    with pytest.raises(AssertionError):
+        check_plot(blank)
+
+
+def test_stale_run_of_a_dead_process_is_marked_killed(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("stale", artifact_location=str(tmp_path / "artifacts"))
+    dead_run, live_run = client.create_run(experiment).info.run_id, client.create_run(experiment).info.run_id
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead_pid = int(finished.stdout)  # exited and reaped: no such process any more
+
+    def marker(run_id: str, pid: int) -> str:
+        path = tmp_path / f"{run_id}.json"
+        path.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri, "pid": pid, "host": socket.gethostname()}))
+        return str(path)
+
+    assert mark_stale_run(marker(live_run, os.getpid()), None) is None
+    assert mark_stale_run(marker(dead_run, dead_pid), current_run_id=dead_run) is None, "a resume continues its own run"
+    assert client.get_run(dead_run).info.status == "RUNNING"
+    assert mark_stale_run(marker(dead_run, dead_pid), current_run_id="another") == dead_run
+    assert client.get_run(dead_run).info.status == "KILLED"
+    assert client.get_run(live_run).info.status == "RUNNING"
