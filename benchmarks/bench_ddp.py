@@ -1,0 +1,66 @@
+"""Env steps/s of 2 DDP ranks vs 1 rank on this machine (CPU processes, gloo), with Meta-World envs.
+
+Each rank builds its own env workers (cores // ranks each) and collects its shard of the
+meta-batch; the reported rate counts the steps of all ranks. Target on a 2-core box: >= 1.6x.
+
+Usage: python benchmarks/bench_ddp.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from metarl_lightning.data import MetaTaskDataModule
+from metarl_lightning.module import MetaRLModule
+from metarl_lightning.policies import MLPActorCritic
+
+
+class _Rates(L.Callback):
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.rates.append(float(trainer.callback_metrics["train/env_steps_per_s"]))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            print(json.dumps({"rate": float(np.median(self.rates[1:]))}))
+
+
+def run(devices: int, epochs: int) -> None:
+    torch.set_num_threads(1)
+    data = MetaTaskDataModule("ML1", env_name="reach-v3", meta_batch_size=8, rollouts_per_task=2, envs_per_task=2, max_episode_steps=150)
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        inference_mode=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[_Rates()])
+    trainer.fit(MetaRLModule(MLPActorCritic(39, 4), ppo_epochs=2), data)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--devices", type=int, default=0, help=argparse.SUPPRESS)  # internal: one measurement
+    args = parser.parse_args()
+    epochs = 4 if args.quick else 8
+    if args.devices:
+        run(args.devices, epochs)
+        return
+    rates = {}
+    for devices in (1, 2):
+        out = subprocess.run([sys.executable, str(Path(__file__)), "--devices", str(devices)] + (["--quick"] if args.quick else []),
+                             capture_output=True, text=True, check=True)
+        rates[devices] = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])["rate"]
+        print(f"{devices} rank(s): {rates[devices]:.0f} env steps/s", flush=True)
+    print(f"2 ranks / 1 rank: {rates[2] / rates[1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
