@@ -6,7 +6,15 @@ from torch.func import functional_call
 
 from metarl_lightning.algorithms.maml import inner_update, stack_for_agents
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Finite differences need float64; restore the default so other test modules are unaffected."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def tiny_policy() -> torch.nn.Module:
