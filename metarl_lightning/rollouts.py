@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from metarl_lightning.algorithms.gae import generalized_advantage_estimate
-from metarl_lightning.algorithms.ppo import gaussian_log_prob
+from metarl_lightning.algorithms.ppo import gaussian_log_prob, normalize_advantages
 from metarl_lightning.envs.base import TaskVectorEnv
 from metarl_lightning.policies.base import ActorCritic
 from metarl_lightning.policies.functional import batched_policy_forward
@@ -74,9 +74,7 @@ class Rollout:
     def normalized_advantages(self, eps: float = 1e-8) -> torch.Tensor:
         """Advantages normalised per agent (over its ``E x T`` samples): ``[K, E, T]``."""
         assert self.advantages is not None, "call compute_advantages first"
-        mean = self.advantages.mean(dim=(1, 2), keepdim=True)
-        std = self.advantages.std(dim=(1, 2), keepdim=True, unbiased=False)
-        return (self.advantages - mean) / (std + eps)
+        return normalize_advantages(self.advantages, dim=(1, 2), eps=eps)
 
 
 class RolloutCollector:

@@ -14,6 +14,10 @@ from metarl_lightning.data import MetaTaskDataModule
 from metarl_lightning.module import MetaRLModule
 from metarl_lightning.policies import MLPActorCritic
 
+# Run as a script (and re-launched per rank by Lightning), so the repository root is not on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.helpers import quiet_trainer  # noqa: E402
+
 
 class DumpGradients(L.Callback):
     """Save every rank's meta-gradient of the first optimiser step and its final parameters."""
@@ -41,20 +45,7 @@ def main() -> None:
     data = MetaTaskDataModule("nav2d", meta_batch_size=8, rollouts_per_task=4, max_episode_steps=50, seed=3)
     # max_grad_norm off: the comparison is of the raw averaged meta-gradient.
     module = MetaRLModule(MLPActorCritic(2, 2, hidden_dim=16), meta_lr=1e-2, inner_lr=0.5, ppo_epochs=2, max_grad_norm=None)
-    trainer = L.Trainer(
-        max_epochs=3,
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategy if devices > 1 else "auto",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[DumpGradients(out)],
-    )
+    trainer = quiet_trainer(3, [DumpGradients(out)], devices=devices, strategy=strategy if devices > 1 else "auto")
     trainer.fit(module, data)
 
 

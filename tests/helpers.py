@@ -20,15 +20,10 @@ class EpochMetrics(L.Callback):
         self.history.append({k: float(v) for k, v in metrics.items() if k.endswith("_epoch")})
 
 
-def train_nav2d(policy: torch.nn.Module, epochs: int, seed: int = 0, data_kwargs: dict | None = None, **module_kwargs) -> list[dict[str, float]]:
-    """Meta-train ``policy`` on 2-D navigation in-process; returns per-epoch metrics."""
-    torch.set_num_threads(1)
-    L.seed_everything(seed, verbose=False)
-    data = MetaTaskDataModule("nav2d", seed=seed, **(data_kwargs or {}))
-    module = MetaRLModule(policy, **module_kwargs)
-    recorder = EpochMetrics()
-    trainer = L.Trainer(
-        max_epochs=epochs,
+def quiet_trainer(max_epochs: int, callbacks: list[L.Callback], **kwargs) -> L.Trainer:
+    """A CPU Trainer with no logger, checkpoints, bars or validation: for tests that train in-process."""
+    return L.Trainer(
+        max_epochs=max_epochs,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -36,8 +31,19 @@ def train_nav2d(policy: torch.nn.Module, epochs: int, seed: int = 0, data_kwargs
         inference_mode=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[recorder],
+        callbacks=callbacks,
         accelerator="cpu",
+        **kwargs,
     )
+
+
+def train_nav2d(policy: torch.nn.Module, epochs: int, seed: int = 0, data_kwargs: dict | None = None, **module_kwargs) -> list[dict[str, float]]:
+    """Meta-train ``policy`` on 2-D navigation in-process; returns per-epoch metrics."""
+    torch.set_num_threads(1)
+    L.seed_everything(seed, verbose=False)
+    data = MetaTaskDataModule("nav2d", seed=seed, **(data_kwargs or {}))
+    module = MetaRLModule(policy, **module_kwargs)
+    recorder = EpochMetrics()
+    trainer = quiet_trainer(epochs, [recorder])
     trainer.fit(module, data)
     return recorder.history

@@ -31,13 +31,19 @@ def gaussian_entropy(log_std: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     return per_dim.sum(-1)
 
 
-def normalize_advantages(advantages: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Zero-mean, unit-variance advantages over all elements of the tensor.
+def normalize_advantages(
+    advantages: torch.Tensor, dim: int | tuple[int, ...] | None = None, eps: float = 1e-8
+) -> torch.Tensor:
+    """Zero-mean, unit-variance advantages over ``dim`` (all elements when ``None``).
 
-    Callers normalise per task (one tensor per agent) so that a task with large rewards does not
-    drown the others in the meta-gradient.
+    Meta-learning normalises per task (over each agent's own samples) so that a task with large
+    rewards does not drown the others in the meta-gradient.
     """
-    return (advantages - advantages.mean()) / (advantages.std(unbiased=False) + eps)
+    if dim is None:
+        return (advantages - advantages.mean()) / (advantages.std(unbiased=False) + eps)
+    mean = advantages.mean(dim=dim, keepdim=True)
+    std = advantages.std(dim=dim, keepdim=True, unbiased=False)
+    return (advantages - mean) / (std + eps)
 
 
 class PPOLoss(NamedTuple):
