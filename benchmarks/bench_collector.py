@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import time
 
-import lightning as L
 import numpy as np
 import torch
+
+from common import measure_fit
 
 from metarl_lightning.algorithms.maml import stack_for_agents
 from metarl_lightning.data import MetaTaskDataModule
@@ -45,26 +46,11 @@ def collector_steps_per_s(env: MetaWorldVectorEnv, policy: torch.nn.Module, step
     return steps * env.num_envs / (time.perf_counter() - start)
 
 
-class _Throughput(L.Callback):
-    def __init__(self) -> None:
-        self.rates: list[float] = []
-        self.collect_share: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.rates.append(float(trainer.callback_metrics["train/env_steps_per_s"]))
-        self.collect_share.append(float(trainer.callback_metrics["train/collect_fraction"]))
-
-
 def end_to_end(policy_name: str, steps: int, iterations: int) -> tuple[float, float]:
     data = MetaTaskDataModule("MT10", meta_batch_size=10, rollouts_per_task=2, envs_per_task=2, max_episode_steps=steps, num_env_workers=2)
     policy = MLPActorCritic(39, 4) if policy_name == "mlp" else SSMActorCritic(39, 4)
-    meter = _Throughput()
-    trainer = L.Trainer(max_epochs=iterations, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, inference_mode=False, limit_val_batches=0, num_sanity_val_steps=0,
-                        callbacks=[meter], accelerator="cpu")
-    trainer.fit(MetaRLModule(policy, ppo_epochs=4), data)
-    # The first iteration pays for worker start-up and lazy initialisation.
-    return float(np.median(meter.rates[1:])), float(np.median(meter.collect_share[1:]))
+    meter = measure_fit(MetaRLModule(policy, ppo_epochs=4), data, iterations, accelerator="cpu")
+    return meter.median_rate, meter.median_collect_share
 
 
 def main() -> None:

@@ -14,34 +14,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
-import numpy as np
 import torch
+
+from common import measure_fit
 
 from metarl_lightning.data import MetaTaskDataModule
 from metarl_lightning.module import MetaRLModule
 from metarl_lightning.policies import MLPActorCritic
 
 
-class _Rates(L.Callback):
-    def __init__(self) -> None:
-        self.rates: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.rates.append(float(trainer.callback_metrics["train/env_steps_per_s"]))
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
-            print(json.dumps({"rate": float(np.median(self.rates[1:]))}))
-
-
 def run(devices: int, epochs: int) -> None:
     torch.set_num_threads(1)
     data = MetaTaskDataModule("ML1", env_name="reach-v3", meta_batch_size=8, rollouts_per_task=2, envs_per_task=2, max_episode_steps=150)
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        inference_mode=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[_Rates()])
-    trainer.fit(MetaRLModule(MLPActorCritic(39, 4), ppo_epochs=2), data)
+    module = MetaRLModule(MLPActorCritic(39, 4), ppo_epochs=2)
+    meter = measure_fit(module, data, epochs, accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto")
+    if module.trainer.is_global_zero:
+        print(json.dumps({"rate": meter.median_rate}))
 
 
 def main() -> None:

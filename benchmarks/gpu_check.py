@@ -11,31 +11,18 @@ from __future__ import annotations
 
 import argparse
 
-import lightning as L
-import numpy as np
 import torch
+
+from common import measure_fit
 
 from metarl_lightning.data import MetaTaskDataModule
 from metarl_lightning.module import MetaRLModule
 from metarl_lightning.policies import SSMActorCritic
 
 
-class _Rates(L.Callback):
-    def __init__(self) -> None:
-        self.rates: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.rates.append(float(trainer.callback_metrics["train/env_steps_per_s"]))
-
-
 def fit(accelerator: str, data: MetaTaskDataModule, epochs: int) -> float:
-    rates = _Rates()
-    trainer = L.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[rates])
     policy = SSMActorCritic(data.observation_dim, data.action_dim, hidden_dim=128)
-    trainer.fit(MetaRLModule(policy), data)
-    return float(np.median(rates.rates[1:]))  # the first iteration pays for start-up
+    return measure_fit(MetaRLModule(policy), data, epochs, accelerator=accelerator, devices=1).median_rate
 
 
 def main() -> None:

@@ -1,0 +1,40 @@
+"""What the benchmark scripts share: timing full meta-training iterations in a quiet Trainer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import numpy as np
+
+
+class IterationMeter(L.Callback):
+    """Records env steps/s and the collection share of every meta-iteration (as the module logs them)."""
+
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+        self.collect_shares: list[float] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.rates.append(float(trainer.callback_metrics["train/env_steps_per_s"]))
+        self.collect_shares.append(float(trainer.callback_metrics["train/collect_fraction"]))
+
+    @property
+    def median_rate(self) -> float:
+        """Median env steps/s, leaving out the first iteration (worker start-up, lazy init)."""
+        return float(np.median(self.rates[1:]))
+
+    @property
+    def median_collect_share(self) -> float:
+        """Median share of an iteration spent collecting rollouts, first iteration left out."""
+        return float(np.median(self.collect_shares[1:]))
+
+
+def measure_fit(module: L.LightningModule, data: L.LightningDataModule, epochs: int, **trainer_kwargs: Any) -> IterationMeter:
+    """Fit without logger, checkpoints, bars or validation; returns the per-iteration measurements."""
+    meter = IterationMeter()
+    trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, inference_mode=False, limit_val_batches=0, num_sanity_val_steps=0,
+                        callbacks=[meter], **trainer_kwargs)
+    trainer.fit(module, data)
+    return meter
