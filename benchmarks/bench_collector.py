@@ -37,9 +37,11 @@ def random_steps_per_s(env: MetaWorldVectorEnv, steps: int) -> float:
     return steps * env.num_envs / (time.perf_counter() - start)
 
 
-def collector_steps_per_s(env: MetaWorldVectorEnv, policy: torch.nn.Module, steps: int) -> float:
+def collector_steps_per_s(env: MetaWorldVectorEnv, policy: torch.nn.Module, steps: int, per_agent: bool = True) -> float:
+    """Per-agent parameters (the query rollouts: vmap over agents) or shared theta (the support rollouts)."""
     collector = RolloutCollector(env)
     params = {k: v.detach() for k, v in stack_for_agents(dict(policy.named_parameters()), env.num_agents).items()}
+    params = params if per_agent else None
     noise = torch.randn(env.num_agents, env.envs_per_agent, steps, env.action_dim)
     start = time.perf_counter()
     collector.collect(policy, params, steps, noise)
@@ -63,15 +65,26 @@ def main() -> None:
     env = MetaWorldVectorEnv(bench, "train", num_agents=10, envs_per_agent=2, num_workers=2, max_episode_steps=steps + 1)
     env.set_tasks(bench.sample_tasks("train", 10, np.random.default_rng(0)))
     rows = []
-    for name, policy in (("mlp", MLPActorCritic(39, 4)), ("ssm", SSMActorCritic(39, 4))):
+    policies = {"mlp": MLPActorCritic(39, 4), "ssm": SSMActorCritic(39, 4)}
+    for name, per_agent in (("mlp", True), ("mlp", False), ("ssm", True), ("ssm", False)):
         # Interleave so load from other processes hits both sides alike.
         random_rate = random_steps_per_s(env, steps)
-        policy_rate = collector_steps_per_s(env, policy, steps)
-        rows.append((name, random_rate, policy_rate))
+        policy_rate = collector_steps_per_s(env, policies[name], steps, per_agent)
+        rows.append((f"{name} {'per-agent' if per_agent else 'theta'}", random_rate, policy_rate))
     env.close()
-    print(f"{'policy':8} {'random steps/s':>15} {'collector steps/s':>18} {'ratio':>6}")
+    print(f"{'policy / params':18} {'random steps/s':>15} {'collector steps/s':>18} {'ratio':>6}")
     for name, random_rate, policy_rate in rows:
-        print(f"{name:8} {random_rate:15.0f} {policy_rate:18.0f} {policy_rate / random_rate:6.2f}")
+        print(f"{name:18} {random_rate:15.0f} {policy_rate:18.0f} {policy_rate / random_rate:6.2f}")
+
+    # Issue 7's end-to-end gain: the same collector (MLP, per-agent params) on stock vs fast envs.
+    rates = {}
+    for fast in (False, True, False, True):
+        fast_env = MetaWorldVectorEnv(bench, "train", num_agents=10, envs_per_agent=2, num_workers=2, max_episode_steps=steps + 1, fast=fast)
+        fast_env.set_tasks(bench.sample_tasks("train", 10, np.random.default_rng(0)))
+        rates.setdefault(fast, []).append(collector_steps_per_s(fast_env, policies["mlp"], steps))
+        fast_env.close()
+    stock, fast_rate = np.mean(rates[False]), np.mean(rates[True])
+    print(f"collector on MT10, stock envs {stock:.0f} steps/s, fast envs {fast_rate:.0f} steps/s: {fast_rate / stock:.2f}x")
     reference = float(np.mean([r for _, r, _ in rows]))
     for name in ("mlp", "ssm"):
         rate, share = end_to_end(name, steps, 3 if args.quick else 5)

@@ -145,8 +145,10 @@ class MetaRLModule(L.LightningModule):
         adapted = inner_update(adaptable, inner_loss, self.hparams.inner_lr, self.hparams.inner_steps, first_order)
         return {**fixed, **adapted}
 
-    def _collect(self, collector: RolloutCollector, params: dict[str, torch.Tensor], noise: torch.Tensor, num_steps: int) -> Rollout:
-        rollout = collector.collect(self.policy, {k: v.detach() for k, v in params.items()}, num_steps, noise)
+    def _collect(self, collector: RolloutCollector, params: dict[str, torch.Tensor] | None, noise: torch.Tensor, num_steps: int) -> Rollout:
+        """Roll out with per-agent ``params`` (``None``: all agents act with theta) and add GAE."""
+        detached = None if params is None else {k: v.detach() for k, v in params.items()}
+        rollout = collector.collect(self.policy, detached, num_steps, noise)
         rollout.compute_advantages(self.hparams.gamma, self.hparams.gae_lambda)
         return rollout
 
@@ -157,7 +159,7 @@ class MetaRLModule(L.LightningModule):
         """
         collector.env.set_tasks(batch.tasks)
         theta = stack_for_agents(self._meta_parameters(), batch.num_agents)
-        support = self._collect(collector, theta, batch.support_noise, num_steps)
+        support = self._collect(collector, None, batch.support_noise, num_steps)
         with torch.enable_grad():
             # First order suffices to *act* with theta_k'; the graph is rebuilt in the update.
             leaf = {k: v.detach().requires_grad_(True) for k, v in theta.items()}

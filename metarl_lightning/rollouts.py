@@ -104,7 +104,7 @@ class RolloutCollector:
     def collect(
         self,
         policy: ActorCritic,
-        stacked_params: dict[str, torch.Tensor],
+        stacked_params: dict[str, torch.Tensor] | None,
         num_steps: int,
         action_noise: torch.Tensor,
         deterministic: bool = False,
@@ -112,8 +112,11 @@ class RolloutCollector:
         """Reset every env and act for ``num_steps`` steps.
 
         Args:
-            policy: the policy module (its architecture; its own parameters are not used).
-            stacked_params: name -> ``[K, *shape]``, agent ``k``'s parameters.
+            policy: the policy module.
+            stacked_params: name -> ``[K, *shape]``, agent ``k``'s parameters; ``None``: every agent
+                acts with the policy's own parameters (the support rollouts with theta), which is
+                one plain forward over all ``K * E`` envs instead of a vmap over agents (9x cheaper
+                per step for the MLP on this CPU).
             num_steps: steps per env ``T`` (a multiple of the episode length gives whole episodes).
             action_noise: ``[K, E, T, A]`` standard-normal noise; passing it in makes the
                 exploration reproducible and independent of how agents are split over ranks.
@@ -124,13 +127,18 @@ class RolloutCollector:
         """
         env, K, E = self.env, self.env.num_agents, self.env.envs_per_agent
         device = action_noise.device
-        dtype = next(iter(stacked_params.values())).dtype
+        dtype = next(iter((stacked_params or dict(policy.named_parameters())).values())).dtype
 
         def to_tensor(array: np.ndarray) -> torch.Tensor:
             return torch.as_tensor(array, device=device).reshape(K, E, *array.shape[1:])
 
         def act(obs: torch.Tensor, state: torch.Tensor, reset: torch.Tensor):
-            out = batched_policy_forward(policy, stacked_params, obs.unsqueeze(2), state, reset.unsqueeze(2))
+            if stacked_params is None:
+                flat = policy(obs.reshape(K * E, 1, -1), state.reshape(K * E, *state.shape[2:]), reset.reshape(K * E, 1))
+                out = type(flat)(*(field.reshape(K, E, *field.shape[1:]) for field in (
+                    flat.mean, flat.log_std.expand_as(flat.mean), flat.value, flat.state)))
+            else:
+                out = batched_policy_forward(policy, stacked_params, obs.unsqueeze(2), state, reset.unsqueeze(2))
             return out.mean[:, :, 0], out.log_std.expand_as(out.mean)[:, :, 0], out.value[:, :, 0], out.state
 
         state = policy.initial_state(K * E, device=device).to(dtype)

@@ -1,0 +1,64 @@
+"""The multi-agent collector: bootstrap values, rollout/training consistency, and its two acting paths."""
+
+import numpy as np
+import pytest
+import torch
+
+from metarl_lightning.algorithms.maml import stack_for_agents
+from metarl_lightning.algorithms.ppo import gaussian_log_prob
+from metarl_lightning.envs.navigation import Navigation2DVectorEnv
+from metarl_lightning.policies import GRUActorCritic, MLPActorCritic, SSMActorCritic
+from metarl_lightning.policies.functional import batched_policy_forward
+from metarl_lightning.rollouts import RolloutCollector
+
+POLICIES = {"mlp": MLPActorCritic, "ssm": SSMActorCritic, "gru": GRUActorCritic}
+K, E, HORIZON, STEPS = 3, 4, 20, 50  # 2.5 episodes: two truncations and a cut at the end
+
+
+def collect(kind: str, per_agent: bool):
+    torch.manual_seed(0)
+    policy = POLICIES[kind](2, 2)
+    env = Navigation2DVectorEnv(K, E, HORIZON)
+    env.set_tasks(env.sample_tasks(K, np.random.default_rng(0)))
+    params = {k: v.detach() for k, v in stack_for_agents(dict(policy.named_parameters()), K).items()}
+    noise = torch.randn(K, E, STEPS, 2, generator=torch.Generator().manual_seed(1))
+    return policy, params, RolloutCollector(env).collect(policy, params if per_agent else None, STEPS, noise)
+
+
+@pytest.mark.parametrize("kind", sorted(POLICIES))
+def test_shared_theta_path_equals_per_agent_path(kind):
+    _, _, per_agent = collect(kind, per_agent=True)
+    _, _, shared = collect(kind, per_agent=False)
+    for field in ("observations", "actions", "log_probs", "values", "next_values", "rewards", "episode_return"):
+        assert torch.allclose(getattr(per_agent, field), getattr(shared, field), atol=1e-5), field
+    assert torch.equal(per_agent.truncated, shared.truncated)
+
+
+@pytest.mark.parametrize("kind", sorted(POLICIES))
+def test_training_recomputes_what_the_rollout_computed(kind):
+    policy, params, rollout = collect(kind, per_agent=True)
+    out = batched_policy_forward(policy, params, rollout.observations, rollout.initial_state, rollout.resets)
+    assert torch.allclose(gaussian_log_prob(out.mean, out.log_std, rollout.actions), rollout.log_probs, atol=1e-4)
+    assert torch.allclose(out.value, rollout.values, atol=1e-5)
+
+
+def test_bootstrap_values_at_truncation_and_rollout_end():
+    policy, params, r = collect("mlp", per_agent=True)
+    assert r.observations.shape == (K, E, STEPS, 2) and r.truncated.sum() == 2 * K * E
+    truncated_at = [HORIZON - 1, 2 * HORIZON - 1]
+    for t in range(STEPS - 1):
+        if t not in truncated_at:
+            assert torch.equal(r.next_values[:, :, t], r.values[:, :, t + 1]), t
+    # At a truncation: the value of the final observation (position before the reset), not of the
+    # next episode's first observation (the origin) and not zero.
+    for t in truncated_at:
+        assert torch.equal(r.resets[:, :, t + 1], torch.ones(K, E, dtype=torch.bool))
+        final_obs = r.observations[:, :, t] + r.actions[:, :, t].clamp(-0.1, 0.1)
+        expected = batched_policy_forward(policy, params, final_obs.unsqueeze(2), r.initial_state, torch.zeros(K, E, 1, dtype=torch.bool)).value[:, :, 0]
+        assert torch.allclose(r.next_values[:, :, t], expected, atol=1e-5)
+        assert not torch.allclose(r.next_values[:, :, t], r.values[:, :, t + 1])
+    # The cut at the end of the rollout (mid-episode) is bootstrapped from the following observation.
+    assert (r.next_values[:, :, -1] != 0).all()
+    # Returns are per finished episode: 2 per env here.
+    per_env = r.rewards[:, :, : 2 * HORIZON].sum(-1) / 2
+    assert torch.allclose(r.episode_return, per_env.mean(1), atol=1e-4)
