@@ -225,7 +225,7 @@ class MetaWorldAgent:
             episode_success=torch.zeros(K, device=self.device),
             **data,
         )
-        rollout.compute_advantages(self.module.hparams.gamma, self.module.hparams.gae_lambda)
+        rollout.compute_advantages(self.module.hparams.gamma, self.module.hparams.gae_lambda, self.module.reward_scale)
         return rollout
 
     def adapt(self) -> None:

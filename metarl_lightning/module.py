@@ -52,10 +52,14 @@ class MetaRLModule(L.LightningModule):
         max_grad_norm: global norm the meta-gradient is clipped to (``null``: no clipping).
         ssm_lr: learning rate of the SSM parameters (``null``: ``meta_lr``), as the S4/S5 recipes do.
         weight_decay: AdamW weight decay of the non-SSM parameters (SSM parameters get none).
+        reward_scale: rewards are multiplied by this before GAE, so value targets are in scaled
+            units (logged returns stay in the env's). Meta-World rewards reach 10 per step; 0.1
+            keeps ML1 value losses O(1-30) instead of O(1e3). Learning on ML1 was the same at 1.0
+            and 0.1 once the action mean was bounded (README, "Learning results").
         adapt_ssm_parameters: also adapt the SSM group (Lambda, log-step, B) in the inner loop. Off
-            by default: they are meta-learned, but one gradient step on the state matrix's
-            eigenvalues changes the dynamics of every time step at once, and adapting them made the
-            post-adaptation return collapse on 2-D navigation (README, "Policies").
+            by default: they are meta-learned in the outer loop only (one inner step on the state
+            matrix's eigenvalues changes the dynamics of every time step at once); the SSM runs
+            reported in the README were made this way.
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class MetaRLModule(L.LightningModule):
         max_grad_norm: float | None = 1.0,
         ssm_lr: float | None = None,
         weight_decay: float = 0.0,
+        reward_scale: float = 1.0,
         adapt_ssm_parameters: bool = False,
     ) -> None:
         super().__init__()
@@ -89,10 +94,12 @@ class MetaRLModule(L.LightningModule):
         require(entropy_coef >= 0, "model.entropy_coef", f"must be >= 0, got {entropy_coef}")
         require(max_grad_norm is None or max_grad_norm > 0, "model.max_grad_norm", f"must be > 0 or null, got {max_grad_norm}")
         require(ssm_lr is None or ssm_lr > 0, "model.ssm_lr", f"must be > 0 or null, got {ssm_lr}")
+        require(reward_scale > 0, "model.reward_scale", f"must be > 0, got {reward_scale}")
         require(weight_decay >= 0, "model.weight_decay", f"must be >= 0, got {weight_decay}")
         self.save_hyperparameters(ignore=["policy"])
         self.automatic_optimization = False
         self.policy = policy
+        self.reward_scale = reward_scale
         self.ppo = PPOSettings(clip_epsilon, value_coef, entropy_coef, value_clip_epsilon)
         # Counted here (not derived) so it survives resume and changes of the rollout size.
         self.register_buffer("env_steps", torch.zeros((), dtype=torch.long), persistent=True)
@@ -123,7 +130,7 @@ class MetaRLModule(L.LightningModule):
     def _adapted_names(self) -> set[str]:
         groups = self.policy.parameter_groups()
         names = {n for group in groups.values() for n in group}
-        if not self.hparams.get("adapt_ssm_parameters", True):
+        if not self.hparams.adapt_ssm_parameters:
             names -= set(groups.get("ssm", []))
         return names
 
@@ -149,7 +156,7 @@ class MetaRLModule(L.LightningModule):
         """Roll out with per-agent ``params`` (``None``: all agents act with theta) and add GAE."""
         detached = None if params is None else {k: v.detach() for k, v in params.items()}
         rollout = collector.collect(self.policy, detached, num_steps, noise)
-        rollout.compute_advantages(self.hparams.gamma, self.hparams.gae_lambda)
+        rollout.compute_advantages(self.hparams.gamma, self.hparams.gae_lambda, self.reward_scale)
         return rollout
 
     def adapt_and_collect(self, batch: MetaBatch, collector: RolloutCollector, num_steps: int) -> tuple[Rollout, Rollout]:

@@ -65,10 +65,14 @@ class Rollout:
         """Environment steps in this rollout (``K * E * T``)."""
         return self.rewards.numel()
 
-    def compute_advantages(self, gamma: float, gae_lambda: float) -> None:
-        """Fill ``advantages`` and ``returns`` with GAE over the time dimension."""
+    def compute_advantages(self, gamma: float, gae_lambda: float, reward_scale: float = 1.0) -> None:
+        """Fill ``advantages`` and ``returns`` with GAE over the time dimension.
+
+        ``reward_scale`` multiplies the rewards first, so the value function learns scaled returns
+        (``episode_return`` stays in the env's units).
+        """
         self.advantages, self.returns = generalized_advantage_estimate(
-            self.rewards, self.values, self.next_values, self.terminated, self.truncated, gamma, gae_lambda
+            self.rewards * reward_scale, self.values, self.next_values, self.terminated, self.truncated, gamma, gae_lambda
         )
 
     def normalized_advantages(self, eps: float = 1e-8) -> torch.Tensor:

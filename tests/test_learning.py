@@ -1,8 +1,8 @@
 """Learning tests on 2-D navigation (MAML paper), fixed seed, thresholds from measured runs.
 
 Measured (seed 0, MLP 64x2, meta-batch 10 x 10 trajectories, inner_lr 1.0, meta_lr 1e-3, 2-core box):
-iteration 0: pre-adaptation return -93.4, post -54.4 (one inner step already helps a random policy);
-epochs 15-19 mean: pre -42.7, post -26.2. The thresholds below take about half of each measured gap,
+iteration 0: pre-adaptation return -94.5, post -55.0 (one inner step already helps a random policy);
+epochs 15-19 mean: pre -40.3, post -25.7. The thresholds below take about half of each measured gap,
 so they fail if adaptation or meta-learning breaks but tolerate run-to-run numerical noise.
 """
 

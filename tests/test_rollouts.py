@@ -62,3 +62,16 @@ def test_bootstrap_values_at_truncation_and_rollout_end():
     # Returns are per finished episode: 2 per env here.
     per_env = r.rewards[:, :, : 2 * HORIZON].sum(-1) / 2
     assert torch.allclose(r.episode_return, per_env.mean(1), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", sorted(POLICIES))
+def test_action_mean_stays_in_the_action_box(kind):
+    # An unbounded mean drifted to |mean| ~ 2.3 on ML1 and every action was clipped (collapse).
+    torch.manual_seed(0)
+    policy = POLICIES[kind](5, 3)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.mul_(50.0)
+    out = policy(torch.randn(4, 6, 5) * 10, policy.initial_state(4), torch.zeros(4, 6, dtype=torch.bool))
+    assert out.mean.abs().max() <= 1.0
+    assert out.mean.abs().max() > 0.5  # really saturating: the bound, not small weights, holds it

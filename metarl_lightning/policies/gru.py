@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarl_lightning.policies.base import ActorCritic, PolicyOutput
+from metarl_lightning.policies.base import ActorCritic, PolicyOutput, bounded_action_mean
 
 
 class GRUActorCritic(ActorCritic):
@@ -81,7 +81,7 @@ class GRUActorCritic(ActorCritic):
             h = self._cell(g_t, h * k_t)  # reset zeroes the state before the step
             outputs.append(h)
         hs = torch.stack(outputs, dim=1)  # (B, T, H)
-        mean = self.action_head(hs)  # (B, T, A)
+        mean = bounded_action_mean(self.action_head(hs))  # (B, T, A)
         return PolicyOutput(
             mean=mean,
             log_std=self.log_std.expand_as(mean),  # (B, T, A): stays broadcastable under vmap

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metarl_lightning.policies.base import ActorCritic, PolicyOutput
+from metarl_lightning.policies.base import ActorCritic, PolicyOutput, bounded_action_mean
 
 
 def _mlp(in_dim: int, hidden_dim: int, num_layers: int, out_dim: int, out_gain: float) -> nn.Sequential:
@@ -58,6 +58,6 @@ class MLPActorCritic(ActorCritic):
 
     def forward(self, observations: torch.Tensor, state: torch.Tensor, resets: torch.Tensor) -> PolicyOutput:
         """See :meth:`ActorCritic.forward`; ``state`` and ``resets`` are passed through unused."""
-        mean = self.actor(observations)  # (B, T, A)
+        mean = bounded_action_mean(self.actor(observations))  # (B, T, A)
         value = self.critic(observations).squeeze(-1)  # (B, T)
         return PolicyOutput(mean, self.log_std.expand_as(mean), value, state)

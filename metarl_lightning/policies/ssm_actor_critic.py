@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarl_lightning.policies.base import ActorCritic, PolicyOutput
+from metarl_lightning.policies.base import ActorCritic, PolicyOutput, bounded_action_mean
 from metarl_lightning.policies.ssm import S5
 
 
@@ -160,7 +160,7 @@ class SSMActorCritic(ActorCritic):
         else:
             critic_x, critic_h = self.critic_trunk(observations, state[:, L:], resets)
             new_state = torch.cat([actor_h, critic_h], dim=1)
-        mean = self.action_head(actor_x)  # (B, T, A)
+        mean = bounded_action_mean(self.action_head(actor_x))  # (B, T, A)
         return PolicyOutput(
             mean=mean,
             # Expanded, not (A,): under vmap over agents an (A,) output becomes (K, A), which no
