@@ -6,9 +6,7 @@ epochs 15-19 mean: pre -40.3, post -25.7. The thresholds below take about half o
 so they fail if adaptation or meta-learning breaks but tolerate run-to-run numerical noise.
 """
 
-import pytest
-
-from metarl_lightning.policies import MLPActorCritic
+from metarl_lightning.policies import MLPActorCritic, SSMActorCritic
 from tests.helpers import train_nav2d
 
 SMALL = dict(meta_batch_size=10, rollouts_per_task=10)
@@ -18,8 +16,7 @@ def _mean(history, key, epochs):
     return sum(h[key] for h in history[-epochs:]) / epochs
 
 
-def test_maml_ppo_learns_to_adapt_on_navigation():
-    history = train_nav2d(MLPActorCritic(2, 2, hidden_dim=64), epochs=20, data_kwargs=SMALL, meta_lr=1e-3, inner_lr=1.0)
+def assert_learns_to_adapt(history):
     pre0 = history[0]["train/pre_adaptation_return_epoch"]
     post0 = history[0]["train/post_adaptation_return_epoch"]
     pre = _mean(history, "train/pre_adaptation_return_epoch", 5)
@@ -27,3 +24,17 @@ def test_maml_ppo_learns_to_adapt_on_navigation():
     assert post - pre > 8.0, f"adaptation gain too small: pre {pre:.1f}, post {post:.1f}"
     assert pre > pre0 + 25.0, f"pre-adaptation return did not improve: {pre0:.1f} -> {pre:.1f}"
     assert post > post0 + 12.0, f"post-adaptation return did not improve: {post0:.1f} -> {post:.1f}"
+
+
+def test_maml_ppo_learns_to_adapt_on_navigation():
+    assert_learns_to_adapt(train_nav2d(MLPActorCritic(2, 2, hidden_dim=64), epochs=20, data_kwargs=SMALL, meta_lr=1e-3, inner_lr=1.0))
+
+
+def test_ssm_policy_learns_as_well_as_the_mlp():
+    """The S5 policy clears the same bars as the MLP, in the same 20 meta-iterations.
+
+    Measured (seed 0, S5 2 layers x 64, inner_lr 0.1, meta_lr 3e-4; larger steps overshoot through
+    the deeper network): iteration 0 pre -94.6, post -122.4; epochs 15-19 mean pre -41.7, post -24.8
+    (MLP above: -40.3 / -25.7).
+    """
+    assert_learns_to_adapt(train_nav2d(SSMActorCritic(2, 2), epochs=20, data_kwargs=SMALL, meta_lr=3e-4, inner_lr=0.1))
