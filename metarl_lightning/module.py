@@ -56,6 +56,9 @@ class MetaRLModule(L.LightningModule):
             units (logged returns stay in the env's). Meta-World rewards reach 10 per step; 0.1
             keeps ML1 value losses O(1-30) instead of O(1e3). Learning on ML1 was the same at 1.0
             and 0.1 once the action mean was bounded (README, "Learning results").
+        target_kl: stop the outer PPO epochs of an iteration once the approximate KL between the
+            acting (adapted) policy and the current one exceeds ``1.5 * target_kl`` (``null``: always
+            run ``ppo_epochs``), as in Stable-Baselines3's PPO.
         adapt_ssm_parameters: also adapt the SSM group (Lambda, log-step, B) in the inner loop. Off
             by default: they are meta-learned in the outer loop only (one inner step on the state
             matrix's eigenvalues changes the dynamics of every time step at once); the SSM runs
@@ -80,6 +83,7 @@ class MetaRLModule(L.LightningModule):
         ssm_lr: float | None = None,
         weight_decay: float = 0.0,
         reward_scale: float = 1.0,
+        target_kl: float | None = None,
         adapt_ssm_parameters: bool = False,
     ) -> None:
         super().__init__()
@@ -95,6 +99,7 @@ class MetaRLModule(L.LightningModule):
         require(max_grad_norm is None or max_grad_norm > 0, "model.max_grad_norm", f"must be > 0 or null, got {max_grad_norm}")
         require(ssm_lr is None or ssm_lr > 0, "model.ssm_lr", f"must be > 0 or null, got {ssm_lr}")
         require(reward_scale > 0, "model.reward_scale", f"must be > 0, got {reward_scale}")
+        require(target_kl is None or target_kl > 0, "model.target_kl", f"must be > 0 or null, got {target_kl}")
         require(weight_decay >= 0, "model.weight_decay", f"must be >= 0, got {weight_decay}")
         self.save_hyperparameters(ignore=["policy"])
         self.automatic_optimization = False
@@ -188,6 +193,8 @@ class MetaRLModule(L.LightningModule):
             theta = stack_for_agents(self._meta_parameters(), batch.num_agents)
             adapted = self._adapt(theta, support, first_order=self.hparams.first_order)
             loss = agents_ppo_loss(self.policy, adapted, query, self.ppo)
+            if losses and self._kl_too_large(loss.approx_kl):
+                break
             optimizer.zero_grad(set_to_none=True)
             with self._no_backward_sync():
                 self.manual_backward(loss.total)
@@ -211,6 +218,7 @@ class MetaRLModule(L.LightningModule):
             "train/value_loss": first.value.detach(),
             "train/entropy": first.entropy.detach(),
             "train/approx_kl": last.approx_kl,
+            "train/ppo_epochs_run": torch.tensor(float(len(losses))),
             "train/clip_fraction": last.clip_fraction,
             "train/grad_norm": torch.stack(grad_norms).mean(),
         }
@@ -247,6 +255,20 @@ class MetaRLModule(L.LightningModule):
             n = p.numel()
             p.grad = flat[offset : offset + n].view_as(p).clone()
             offset += n
+
+    def _kl_too_large(self, approx_kl: torch.Tensor) -> bool:
+        """Early stop of the outer PPO epochs once the policy moved too far from the acting one.
+
+        Averaged over ranks first, so every rank takes the same number of optimiser steps.
+        """
+        target = self.hparams.target_kl
+        if target is None:
+            return False
+        kl = approx_kl.detach().clone()
+        if self.trainer.world_size > 1:
+            torch.distributed.all_reduce(kl, op=torch.distributed.ReduceOp.SUM)
+            kl /= self.trainer.world_size
+        return bool(kl > 1.5 * target)
 
     def _clip_gradients(self) -> torch.Tensor:
         params = [p for p in self.policy.parameters() if p.grad is not None]

@@ -33,8 +33,10 @@ def test_maml_ppo_learns_to_adapt_on_navigation():
 def test_ssm_policy_learns_as_well_as_the_mlp():
     """The S5 policy clears the same bars as the MLP, in the same 20 meta-iterations.
 
-    Measured (seed 0, S5 2 layers x 64, inner_lr 0.1, meta_lr 3e-4; larger steps overshoot through
-    the deeper network): iteration 0 pre -94.6, post -122.4; epochs 15-19 mean pre -41.7, post -24.8
-    (MLP above: -40.3 / -25.7).
+    Measured (seed 0, S5 2 layers x 64, inner_lr 0.1, meta_lr 3e-4, target_kl 0.02; larger inner steps
+    overshoot through the deeper network, and without the KL stop it drifts back after ~25
+    iterations): iteration 0 pre -93.8, post -116.8; epochs 15-19 mean pre -40.9, post -25.1 (MLP
+    above: -40.3 / -25.7).
     """
-    assert_learns_to_adapt(train_nav2d(SSMActorCritic(2, 2), epochs=20, data_kwargs=SMALL, meta_lr=3e-4, inner_lr=0.1))
+    history = train_nav2d(SSMActorCritic(2, 2), epochs=20, data_kwargs=SMALL, meta_lr=3e-4, inner_lr=0.1, target_kl=0.02)
+    assert_learns_to_adapt(history)
