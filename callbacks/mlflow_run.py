@@ -122,6 +122,10 @@ class MLflowRunCallback(Callback):
                 client.set_tag(run_id, "metarl.resume_count", str(resumes))
             for key, value in self._tags(trainer, pl_module, stage).items():
                 client.set_tag(run_id, key, value)
+            existing = client.get_run(run_id).data.params
+            for key, value in self._versions(trainer).items():
+                if key not in existing:  # a resumed run has them already (MLflow params are immutable)
+                    client.log_param(run_id, key, value)
         loggers = mlflow_loggers(trainer)
         marker = os.path.join(trainer.default_root_dir, ACTIVE_RUN_FILE)
         current = loggers[0].run_id if loggers else None
@@ -134,6 +138,20 @@ class MLflowRunCallback(Callback):
             with open(marker, "w") as handle:
                 json.dump({"run_id": current, "tracking_uri": logger._tracking_uri, "pid": os.getpid(), "host": socket.gethostname()}, handle)
             self._marker_path = marker
+
+    @staticmethod
+    def _versions(trainer: L.Trainer) -> dict[str, str]:
+        """Benchmark, simulator and reward-function versions: what makes Meta-World numbers comparable."""
+        bench = getattr(trainer.datamodule, "benchmark_info", None)
+        if bench is None:  # nav2d: no simulator
+            return {}
+        import mujoco
+
+        return {
+            "versions.metaworld": str(bench.metaworld_version),
+            "versions.mujoco": str(mujoco.__version__),
+            "versions.reward_function": str(bench.reward_function_version),
+        }
 
     def _tags(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, str]:
         tags = {"stage": str(getattr(stage, "value", stage)), "run_dir": os.path.abspath(trainer.default_root_dir)}

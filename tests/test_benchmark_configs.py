@@ -7,15 +7,17 @@ the policy of the config, the meta-update and the CLI wiring.
 
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
+import mlflow
 import pytest
 
+metaworld_version = version("metaworld")
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "--trainer.max_epochs", "1",
     "--trainer.limit_val_batches", "0",
-    "--trainer.logger", "false",
     "--data.rollouts_per_task", "1",
     "--data.envs_per_task", "1",
     "--data.eval_rollouts_per_task", "1",
@@ -31,7 +33,8 @@ def run_configs(names, tmp_path):
     procs = {
         name: subprocess.Popen(
             [sys.executable, str(ROOT / "cli.py"), "fit", "--config", str(ROOT / f"configs/{name}.yaml"), *TINY,
-             "--trainer.default_root_dir", str(tmp_path / name)],
+             "--trainer.default_root_dir", str(tmp_path / name),
+             "--trainer.logger.init_args.tracking_uri", f"sqlite:///{tmp_path / name}.db"],
             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for name in names
@@ -44,6 +47,13 @@ def run_configs(names, tmp_path):
 
 def test_each_benchmark_config_runs_one_meta_iteration(tmp_path):
     run_configs(FAST, tmp_path)
+    # The run records what makes Meta-World numbers comparable.
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'ml10'}.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["versions.metaworld"] == metaworld_version and params["versions.reward_function"] == "v2"
+    assert params["data.benchmark"] == "ML10" and run.data.tags["benchmark"] == "ML10"
 
 
 @pytest.mark.slow
