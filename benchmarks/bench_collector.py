@@ -37,12 +37,17 @@ def random_steps_per_s(env: MetaWorldVectorEnv, steps: int) -> float:
     return steps * env.num_envs / (time.perf_counter() - start)
 
 
-def collector_steps_per_s(env: MetaWorldVectorEnv, policy: torch.nn.Module, steps: int, per_agent: bool = True) -> float:
-    """Per-agent parameters (the query rollouts: vmap over agents) or shared theta (the support rollouts)."""
-    collector = RolloutCollector(env)
+def collector_steps_per_s(env: MetaWorldVectorEnv, policy: torch.nn.Module, steps: int, per_agent: bool = True, compiled: bool = False) -> float:
+    """Per-agent parameters (the query rollouts: vmap over agents) or shared theta (the support rollouts).
+
+    A compiled collector is warmed up with one untimed rollout (compilation is a one-off cost).
+    """
+    collector = RolloutCollector(env, compile_policy=compiled)
     params = {k: v.detach() for k, v in stack_for_agents(dict(policy.named_parameters()), env.num_agents).items()}
     params = params if per_agent else None
     noise = torch.randn(env.num_agents, env.envs_per_agent, steps, env.action_dim)
+    if compiled:
+        collector.collect(policy, params, steps, noise)
     start = time.perf_counter()
     collector.collect(policy, params, steps, noise)
     return steps * env.num_envs / (time.perf_counter() - start)
@@ -66,15 +71,18 @@ def main() -> None:
     env.set_tasks(bench.sample_tasks("train", 10, np.random.default_rng(0)))
     rows = []
     policies = {"mlp": MLPActorCritic(39, 4), "ssm": SSMActorCritic(39, 4)}
-    for name, per_agent in (("mlp", True), ("mlp", False), ("ssm", True), ("ssm", False)):
-        # Interleave so load from other processes hits both sides alike.
-        random_rate = random_steps_per_s(env, steps)
-        policy_rate = collector_steps_per_s(env, policies[name], steps, per_agent)
-        rows.append((f"{name} {'per-agent' if per_agent else 'theta'}", random_rate, policy_rate))
+    for name in ("mlp", "ssm"):
+        for per_agent in (True, False):
+            for compiled in (False, True):
+                # Interleave so load from other processes hits both sides alike.
+                random_rate = random_steps_per_s(env, steps)
+                policy_rate = collector_steps_per_s(env, policies[name], steps, per_agent, compiled)
+                label = f"{name} {'per-agent' if per_agent else 'theta'}{' compiled' if compiled else ''}"
+                rows.append((label, random_rate, policy_rate))
     env.close()
-    print(f"{'policy / params':18} {'random steps/s':>15} {'collector steps/s':>18} {'ratio':>6}")
+    print(f"{'policy / params':27} {'random steps/s':>15} {'collector steps/s':>18} {'ratio':>6}")
     for name, random_rate, policy_rate in rows:
-        print(f"{name:18} {random_rate:15.0f} {policy_rate:18.0f} {policy_rate / random_rate:6.2f}")
+        print(f"{name:27} {random_rate:15.0f} {policy_rate:18.0f} {policy_rate / random_rate:6.2f}")
 
     # Issue 7's end-to-end gain: the same collector (MLP, per-agent params) on stock vs fast envs.
     rates = {}

@@ -85,6 +85,8 @@ class MetaTaskDataModule(L.LightningDataModule):
         task_one_hot: append a one-hot task id to observations (MT benchmarks).
         reset_state_on: ``episode`` (zero the recurrent state at every episode start) or ``trial``
             (only when the task changes: memory across the episodes of one task).
+        compile_policy: run the collector's acting step through ``torch.compile`` (about 10 s of
+            compilation per rollout shape; ~6x cheaper per-agent policy calls on a CPU).
         seed: seeds tasks, exploration noise and simulators.
         benchmark_cache_dir: where built Meta-World benchmarks are pickled (``null``: the default
             ``~/.cache/metarl_lightning``).
@@ -106,6 +108,7 @@ class MetaTaskDataModule(L.LightningDataModule):
         fast_envs: bool = True,
         task_one_hot: bool = False,
         reset_state_on: str = "episode",
+        compile_policy: bool = False,
         seed: int = 0,
         benchmark_cache_dir: str | None = None,
     ) -> None:
@@ -158,6 +161,7 @@ class MetaTaskDataModule(L.LightningDataModule):
         self.fast_envs = fast_envs
         self.task_one_hot = task_one_hot
         self.reset_state_on = reset_state_on
+        self.compile_policy = compile_policy
         self.seed = seed
         self.benchmark_cache_dir = benchmark_cache_dir
         self._bench: Any = None
@@ -249,7 +253,7 @@ class MetaTaskDataModule(L.LightningDataModule):
                 agent_classes=classes[self._rank * agents : (self._rank + 1) * agents],
             )
         self._envs[split] = env
-        self._collectors[split] = RolloutCollector(env, reset_state_on=self.reset_state_on)
+        self._collectors[split] = RolloutCollector(env, reset_state_on=self.reset_state_on, compile_policy=self.compile_policy)
 
     @property
     def train_collector(self) -> RolloutCollector:

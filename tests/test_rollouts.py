@@ -75,3 +75,17 @@ def test_action_mean_stays_in_the_action_box(kind):
     out = policy(torch.randn(4, 6, 5) * 10, policy.initial_state(4), torch.zeros(4, 6, dtype=torch.bool))
     assert out.mean.abs().max() <= 1.0
     assert out.mean.abs().max() > 0.5  # really saturating: the bound, not small weights, holds it
+
+
+def test_compiled_acting_step_matches_eager():
+    torch.manual_seed(0)
+    policy = MLPActorCritic(2, 2, hidden_dim=16)
+    env = Navigation2DVectorEnv(K, E, HORIZON)
+    env.set_tasks(env.sample_tasks(K, np.random.default_rng(0)))
+    params = {k: v.detach() for k, v in stack_for_agents(dict(policy.named_parameters()), K).items()}
+    noise = torch.randn(K, E, STEPS, 2, generator=torch.Generator().manual_seed(1))
+    eager, compiled = RolloutCollector(env), RolloutCollector(env, compile_policy=True)
+    for per_agent in (params, None):
+        a, b = eager.collect(policy, per_agent, STEPS, noise), compiled.collect(policy, per_agent, STEPS, noise)
+        for field in ("actions", "log_probs", "values", "next_values", "rewards"):
+            assert torch.allclose(getattr(a, field), getattr(b, field), atol=1e-5), field
