@@ -162,15 +162,23 @@ class S5(nn.Module):
         self.D = nn.Parameter(torch.randn(d_model))
 
     def discretize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """ZOH discretisation.
+        """ZOH discretisation: ``B_bar = diag(input_scale) B``.
 
         Returns:
-            ``lam_bar`` ``(N,)`` complex and ``B_bar^T`` in real/imag pairs ``(H, 2N)``.
+            ``lam_bar`` ``(N,)`` complex and ``input_scale = (lam_bar - 1) / Lambda`` ``(N,)`` complex.
         """
         lam = torch.complex(-torch.exp(self.Lambda[:, 0]), self.Lambda[:, 1])  # (N,)
         lam_bar = torch.exp(lam * torch.exp(self.log_step))  # (N,)
-        b_bar = to_complex(self.B) * ((lam_bar - 1.0) / lam)  # (H, N)
-        return lam_bar, to_real(b_bar).reshape(self.d_model, 2 * self.num_modes)
+        return lam_bar, (lam_bar - 1.0) / lam
+
+    def _input(self, u: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+        """``B_bar u`` for real ``u`` ``(..., H)`` -> complex ``(..., N)``.
+
+        Scaling ``B u`` per mode instead of forming ``B_bar`` saves an ``(H, N)`` complex product
+        and a copy on every call (it matters in the O(1) rollout step, which runs once per env step).
+        """
+        bu = (u @ self.B.reshape(self.d_model, 2 * self.num_modes)).unflatten(-1, (self.num_modes, 2))
+        return input_scale * to_complex(bu)
 
     def _output(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``y = [Re x, Im x] @ C + D u`` for complex ``x`` ``(..., N)`` and ``u`` ``(..., H)``."""
@@ -193,8 +201,8 @@ class S5(nn.Module):
         Returns:
             ``y`` ``(B, T, H)`` and the state after the last step ``(B, N, 2)``.
         """
-        lam_bar, b_bar = self.discretize()
-        b = to_complex((u @ b_bar).unflatten(-1, (self.num_modes, 2)))  # (B, T, N)
+        lam_bar, input_scale = self.discretize()
+        b = self._input(u, input_scale)  # (B, T, N)
         keep = None if resets is None else (~resets).to(u.dtype).unsqueeze(-1)  # (B, T, 1)
         if h0 is not None:
             # Fold the initial state into step 0: x_0 = a_0 h0 + b_0.
@@ -214,8 +222,8 @@ class S5(nn.Module):
         Returns:
             ``y_t`` ``(B, H)`` and the next state ``(B, N, 2)``.
         """
-        lam_bar, b_bar = self.discretize()
-        b_t = to_complex((u_t @ b_bar).unflatten(-1, (self.num_modes, 2)))  # (B, N)
+        lam_bar, input_scale = self.discretize()
+        b_t = self._input(u_t, input_scale)  # (B, N)
         x = torch.addcmul(b_t, lam_bar, to_complex(h))  # (B, N)
         return self._output(x, u_t), to_real(x)
 
