@@ -9,8 +9,9 @@ Three measurements:
 1. Forward+backward of one S5 layer (width H, state P = H) over ``[B, T, H]``: the parallel scan vs
    the same layer with the recurrence in a Python loop (projections batched, an honest loop) and vs
    a loop of ``step`` (the naive recurrent implementation: projections inside the loop).
-2. Rollout cost per agent-step: ``forward`` with ``T == 1`` under vmap over ``K`` agents'
-   parameters (how the collector calls it), SSM and GRU actor-critics vs ``MLPActorCritic``.
+2. Rollout cost per agent-step of the collector's acting step with ``K`` agents' parameters
+   (``ActorCritic.acting_step``: native for MLP and SSM, the vmapped ``forward`` for the GRU), SSM
+   and GRU actor-critics vs ``MLPActorCritic``; the vmapped path of MLP and SSM for reference.
 3. Training forward+backward of the S5 layer vs ``torch.nn.GRU`` of the same width.
 
 The machine is shared, so candidates are timed interleaved, several times, and the median of each
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from metarl_lightning.policies import GRUActorCritic, MLPActorCritic, SSMActorCritic
-from metarl_lightning.policies.functional import batched_policy_forward
+from metarl_lightning.policies.acting import GenericActingStep
 from metarl_lightning.policies.ssm import S5
 
 
@@ -80,30 +81,39 @@ def bench_scan(batch: int, length: int, width: int, repeats: int) -> dict[str, f
 def bench_rollout_step(
     agents: int, envs: int, obs_dim: int, act_dim: int, steps: int, repeats: int
 ) -> dict[str, float]:
-    """Microseconds per agent-step of a T == 1 vmapped policy call (no grad), per policy."""
+    """Microseconds per agent-step of the collector's acting step (per-agent parameters, no grad).
+
+    ``<policy>`` is the policy's own ``acting_step`` (native for MLP and SSM: parameters folded once
+    per rollout, agents batched by matmul); ``<policy> vmap`` is the generic path (``forward`` with
+    ``T == 1`` under vmap over agents), which the GRU uses.
+    """
     torch.manual_seed(0)
     policies = {
         "mlp": MLPActorCritic(obs_dim, act_dim),
         "ssm": SSMActorCritic(obs_dim, act_dim),
         "ssm-1": SSMActorCritic(obs_dim, act_dim, num_layers=1),
+        "ssm-shared": SSMActorCritic(obs_dim, act_dim, shared_trunk=True),
         "gru": GRUActorCritic(obs_dim, act_dim),
     }
 
-    def rollout(policy: nn.Module) -> Callable[[], None]:
+    def rollout(policy: nn.Module, generic: bool) -> Callable[[], None]:
         params = {n: p.detach().unsqueeze(0).repeat(agents, *[1] * p.dim()) for n, p in policy.named_parameters()}
-        state0 = policy.initial_state(agents * envs).reshape(agents, envs, *policy.initial_state(1).shape[1:])
-        obs = torch.randn(agents, envs, 1, obs_dim)
-        resets = torch.zeros(agents, envs, 1, dtype=torch.bool)
+        obs = torch.randn(agents, envs, obs_dim)
+        resets = torch.zeros(agents, envs, dtype=torch.bool)
 
         @torch.no_grad()
         def run() -> None:
-            state = state0
+            # Preparing the step is part of the cost: it runs once per rollout.
+            acting = GenericActingStep(policy, params, agents, envs) if generic else policy.acting_step(params, agents, envs)
+            state = acting.initial_state()
             for _ in range(steps):
-                state = batched_policy_forward(policy, params, obs, state, resets).state
+                state = acting(obs, state, resets).state
 
         return run
 
-    secs = interleaved({name: rollout(p) for name, p in policies.items()}, repeats)
+    candidates = {name: rollout(p, generic=False) for name, p in policies.items()}
+    candidates.update({f"{name} vmap": rollout(policies[name], generic=True) for name in ("mlp", "ssm")})
+    secs = interleaved(candidates, repeats)
     return {name: s / (steps * agents * envs) * 1e6 for name, s in secs.items()}
 
 
@@ -145,15 +155,19 @@ def main() -> None:
     results["scan"], results["scan_b10"] = scan, small
 
     agents, envs = 10, 10
-    print(f"\n2. Rollout step (T=1, vmap over K={agents} agents x E={envs} envs, no grad), us per agent-step")
-    step = bench_rollout_step(agents, envs, 39, 4, steps=20 if args.quick else 50, repeats=repeats)
+    print(f"\n2. Rollout acting step (K={agents} agents x E={envs} envs, per-agent parameters, 1 thread), us per agent-step")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the collector: the env workers own the other cores
+    step = bench_rollout_step(agents, envs, 39, 4, steps=50 if args.quick else 200, repeats=repeats)
+    torch.set_num_threads(threads)
     for name, us in step.items():
-        print(f"   {name:5s} {us:7.2f} us   {us / step['mlp']:4.2f}x the MLP")
+        print(f"   {name:10s} {us:7.2f} us   {us / step['mlp']:4.2f}x the MLP")
     results["rollout_step_us"] = step
     sizes = {
         "mlp": param_count(MLPActorCritic(39, 4)),
         "ssm": param_count(SSMActorCritic(39, 4)),
         "ssm-1": param_count(SSMActorCritic(39, 4, num_layers=1)),
+        "ssm-shared": param_count(SSMActorCritic(39, 4, shared_trunk=True)),
         "gru": param_count(GRUActorCritic(39, 4)),
     }
     print("   parameters: " + ", ".join(f"{n} {c}" for n, c in sizes.items()) + " (ssm-1: num_layers=1)")

@@ -2,7 +2,8 @@
 
 ``K`` task-agents each act with their own (possibly adapted) parameters in their own
 ``E`` environments; all ``K * E`` environments step together. The policy runs once per step for all
-agents (vmap over stacked parameters), so the Python cost per step does not grow with ``K`` or ``E``.
+agents through its acting step (``ActorCritic.acting_step``: parameters prepared once per rollout,
+agents batched by matmul), so the Python cost per step does not grow with ``K`` or ``E``.
 Rollouts come back as tensors shaped ``[K, E, T, ...]`` together with the recurrent state at the
 start, so training can recompute exactly what the policy computed while acting.
 """
@@ -10,16 +11,17 @@ start, so training can recompute exactly what the policy computed while acting.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from metarl_lightning.algorithms.gae import generalized_advantage_estimate
-from metarl_lightning.algorithms.ppo import gaussian_log_prob, normalize_advantages
-from metarl_lightning.envs.base import TaskVectorEnv
+from metarl_lightning.algorithms.ppo import LOG_SQRT_2PI
+from metarl_lightning.algorithms.ppo import normalize_advantages
+from metarl_lightning.envs.base import StepResult, TaskVectorEnv
 from metarl_lightning.policies.base import ActorCritic
-from metarl_lightning.policies.functional import batched_policy_forward
+from metarl_lightning.policies.acting import ActingStep
 
 ResetMode = Literal["episode", "trial"]
 
@@ -82,45 +84,101 @@ class Rollout:
 
 
 def act_step(
-    policy: ActorCritic,
-    stacked_params: dict[str, torch.Tensor] | None,
+    acting: ActingStep,
     obs: torch.Tensor,
-    state: torch.Tensor,
+    state: Any,
     reset: torch.Tensor,
     noise: torch.Tensor,
     action_limit: float,
     deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One acting step of every agent: policy call, Gaussian sample, log-prob, clip.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+    """One acting step of every agent: policy step, Gaussian sample, clip.
 
     Args:
-        policy: the architecture (its own parameters act when ``stacked_params`` is None).
-        stacked_params: name -> ``[K, *shape]`` per-agent parameters, or ``None``.
-        obs: ``[K, E, D]``; state: ``[K, E, *S]``; reset: ``[K, E]`` bool; noise: ``[K, E, A]``.
+        acting: the rollout's prepared policy step (``ActorCritic.acting_step``).
+        obs: ``[K, E, D]``; state: the step's state; reset: ``[K, E]`` bool; noise: ``[K, E, A]``.
         action_limit: the env's action box half-width.
         deterministic: act with the mean.
 
     Returns:
-        ``(action [K,E,A] unclipped, clipped [K,E,A], log_prob [K,E], value [K,E], state [K,E,*S])``.
+        ``(action [K,E,A] unclipped, clipped [K,E,A], log_std (broadcastable), value [K,E], state)``.
+        The log-probability is left to the caller: with ``action = mean + std * noise`` it depends
+        on the noise and ``log_std`` only, so it is computed for the whole rollout in one op.
     """
-    K, E = obs.shape[:2]
-    if stacked_params is None:
-        # Every agent acts with theta: one plain forward over all K * E envs (no vmap).
-        flat = policy(obs.reshape(K * E, 1, -1), state.reshape(K * E, *state.shape[2:]), reset.reshape(K * E, 1))
-        mean = flat.mean.reshape(K, E, -1)
-        log_std = flat.log_std.expand_as(flat.mean).reshape(K, E, -1)
-        value, new_state = flat.value.reshape(K, E), flat.state.reshape(K, E, *flat.state.shape[1:])
-    else:
-        out = batched_policy_forward(policy, stacked_params, obs.unsqueeze(2), state, reset.unsqueeze(2))
-        mean, log_std = out.mean[:, :, 0], out.log_std.expand_as(out.mean)[:, :, 0]
-        value, new_state = out.value[:, :, 0], out.state
-    action = mean if deterministic else mean + torch.exp(log_std) * noise
-    log_prob = gaussian_log_prob(mean, log_std, action)
-    return action, action.clamp(-action_limit, action_limit), log_prob, value, new_state
+    out = acting(obs, state, reset)
+    action = out.mean if deterministic else torch.addcmul(out.mean, out.log_std.exp(), noise)
+    return action, action.clamp(-action_limit, action_limit), out.log_std, out.value, out.state
+
+
+class _SyncStepper:
+    """One lane over ``env.step``, for envs without split-phase stepping (nav2d, in-process envs)."""
+
+    def __init__(self, env: TaskVectorEnv) -> None:
+        self.env, self.lanes = env, [(0, env.num_agents)]
+        self._actions: np.ndarray | None = None
+
+    def step_async(self, actions: np.ndarray, lane: int) -> None:
+        self._actions = actions
+
+    def step_wait(self, lane: int) -> StepResult:
+        return self.env.step(self._actions)
+
+
+class _Lane:
+    """The agents ``[start, stop)`` of one env lane: their acting step, state and episode tallies.
+
+    Env-side results are kept as numpy ``[T, N_lane]`` arrays and turned into tensors once, after
+    the rollout.
+    """
+
+    def __init__(self, index: int, start: int, stop: int, envs_per_agent: int, num_steps: int, acting: ActingStep) -> None:
+        self.index, self.agents, self.acting = index, slice(start, stop), acting
+        n = (stop - start) * envs_per_agent
+        self.shape = (stop - start, envs_per_agent)
+        self.state = self.next_state = acting.initial_state()
+        self.obs: torch.Tensor | None = None
+        self.reset: torch.Tensor | None = None
+        self.no_reset: torch.Tensor | None = None
+        self.rewards = np.empty((num_steps, n), dtype=np.float32)
+        self.terminated = np.empty((num_steps, n), dtype=bool)
+        self.truncated = np.empty((num_steps, n), dtype=bool)
+        self.resets = np.empty((num_steps, n), dtype=bool)
+        self.resets[0] = True
+        self.episode_return, self.episode_success = np.zeros(n), np.zeros(n, dtype=bool)
+        self.return_sum, self.success_sum, self.episodes = np.zeros(n), np.zeros(n), np.zeros(n)
+
+    def tally(self, t: int, result: StepResult) -> np.ndarray:
+        """Record the env side of step ``t``; returns which envs finished an episode."""
+        self.rewards[t], self.terminated[t], self.truncated[t] = result.reward, result.terminated, result.truncated
+        self.episode_return += result.reward
+        self.episode_success |= result.success
+        done = result.terminated | result.truncated
+        if done.any():
+            self.return_sum[done] += self.episode_return[done]
+            self.success_sum[done] += self.episode_success[done]
+            self.episodes[done] += 1
+            self.episode_return[done] = 0.0
+            self.episode_success[done] = False
+        return done
+
+    def per_env_means(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean return and success over each env's finished episodes (the partial one if none)."""
+        unfinished = self.episodes == 0
+        return_sum, success_sum = self.return_sum.copy(), self.success_sum.copy()
+        return_sum[unfinished] = self.episode_return[unfinished]
+        success_sum[unfinished] = self.episode_success[unfinished]
+        return return_sum / np.maximum(self.episodes, 1), success_sum / np.maximum(self.episodes, 1)
 
 
 class RolloutCollector:
     """Steps a :class:`TaskVectorEnv` with per-agent parameters of one policy architecture.
+
+    With ``pipeline`` and an env that offers lanes (``MetaWorldVectorEnv`` with two or more
+    workers: two agent ranges, each stepped by its own workers, via ``step_async`` /
+    ``step_wait``), the collector computes one lane's actions while the other lane's workers step,
+    so learner time overlaps env time. Results are identical to stepping all envs at once
+    (tested). It pays off when the policy call is cheap per call: two half-size calls cost more
+    than one full call, which on the 2-core box made the S5 policy slower (README, benchmarks).
 
     Args:
         env: the environments (``num_agents x envs_per_agent``).
@@ -129,8 +187,9 @@ class RolloutCollector:
             task (in-context adaptation on top of MAML).
         action_limit: actions sent to the env are clipped to ``[-action_limit, action_limit]``.
         compile_policy: run the acting step through ``torch.compile`` (one compile per input shape,
-            ~10 s each on a CPU). The per-agent (vmapped) step of the MLP went from ~550 us to ~90 us
-            per call on the 2-core box; worth it for long runs, not for short tests.
+            seconds each on a CPU). The native steps of the MLP and SSM policies gain nothing from it
+            (compute-bound, measured); it helps policies on the generic vmap path (GRU, custom).
+        pipeline: overlap acting and env stepping across lanes when the env has them.
     """
 
     def __init__(
@@ -139,12 +198,14 @@ class RolloutCollector:
         reset_state_on: ResetMode = "episode",
         action_limit: float = 1.0,
         compile_policy: bool = False,
+        pipeline: bool = False,
     ) -> None:
         if reset_state_on not in ("episode", "trial"):
             raise ValueError(f"reset_state_on: expected 'episode' or 'trial', got {reset_state_on!r}")
         self.env = env
         self.reset_state_on = reset_state_on
         self.action_limit = action_limit
+        self.pipeline = pipeline
         self._act = torch.compile(act_step, dynamic=False) if compile_policy else act_step
 
     @torch.no_grad()
@@ -161,9 +222,7 @@ class RolloutCollector:
         Args:
             policy: the policy module.
             stacked_params: name -> ``[K, *shape]``, agent ``k``'s parameters; ``None``: every agent
-                acts with the policy's own parameters (the support rollouts with theta), which is
-                one plain forward over all ``K * E`` envs instead of a vmap over agents (9x cheaper
-                per step for the MLP on this CPU).
+                acts with the policy's own parameters (the support rollouts with theta).
             num_steps: steps per env ``T`` (a multiple of the episode length gives whole episodes).
             action_noise: ``[K, E, T, A]`` standard-normal noise; passing it in makes the
                 exploration reproducible and independent of how agents are split over ranks.
@@ -172,94 +231,100 @@ class RolloutCollector:
         Returns:
             The :class:`Rollout` (advantages not yet computed).
         """
-        env, K, E = self.env, self.env.num_agents, self.env.envs_per_agent
+        env, K, E, A = self.env, self.env.num_agents, self.env.envs_per_agent, self.env.action_dim
         device = action_noise.device
         dtype = next(iter((stacked_params or dict(policy.named_parameters())).values())).dtype
+        stepper = env if self.pipeline and len(getattr(env, "lanes", ())) > 1 else _SyncStepper(env)
+        lanes = []
+        for index, (start, stop) in enumerate(stepper.lanes):
+            params = None if stacked_params is None else {n: p[start:stop] for n, p in stacked_params.items()}
+            acting = policy.acting_step(params, stop - start, E)
+            lanes.append(_Lane(index, start, stop, E, num_steps, acting))
 
-        def to_tensor(array: np.ndarray) -> torch.Tensor:
-            return torch.as_tensor(array, device=device).reshape(K, E, *array.shape[1:])
-
-        def act(obs: torch.Tensor, state: torch.Tensor, reset: torch.Tensor, noise: torch.Tensor):
-            return self._act(policy, stacked_params, obs, state, reset, noise, self.action_limit, deterministic)
-
-        state = policy.initial_state(K * E, device=device).to(dtype)
-        state = state.reshape(K, E, *state.shape[1:])
-        initial_state = state.clone()
-        obs = to_tensor(env.reset()).to(dtype)
-        reset = torch.ones(K, E, dtype=torch.bool, device=device)
-
+        # Per step the learner only acts and stores three tensors; everything derivable from the
+        # whole rollout (log-probs, next values, the env-side tensors) is done once after the loop.
+        # Every microsecond here is paid once per env step unless the other lane's workers run.
         shape = (K, E, num_steps)
-        buffers = {
-            "observations": torch.empty(*shape, obs.shape[-1], dtype=dtype, device=device),
-            "actions": torch.empty(*shape, env.action_dim, dtype=dtype, device=device),
-            "log_probs": torch.empty(shape, dtype=dtype, device=device),
-            "values": torch.empty(shape, dtype=dtype, device=device),
-            # Zeros, not empty: a terminated step keeps 0 (GAE multiplies it by 0, and 0 * NaN is NaN).
-            "next_values": torch.zeros(shape, dtype=dtype, device=device),
-            "rewards": torch.empty(shape, dtype=dtype, device=device),
-            "terminated": torch.empty(shape, dtype=torch.bool, device=device),
-            "truncated": torch.empty(shape, dtype=torch.bool, device=device),
-            "resets": torch.empty(shape, dtype=torch.bool, device=device),
-        }
-        episode_return = np.zeros(K * E)
-        episode_success = np.zeros(K * E, dtype=bool)
-        return_sum, success_sum, episodes = np.zeros(K * E), np.zeros(K * E), np.zeros(K * E)
+        observations = torch.empty(*shape, env.observation_dim, dtype=dtype, device=device)
+        actions = torch.empty(*shape, A, dtype=dtype, device=device)
+        values = torch.empty(shape, dtype=dtype, device=device)
+        log_std_sums = torch.empty(shape, dtype=dtype, device=device)
+        # Value of the final observation of episodes cut by the time limit (zero elsewhere).
+        truncation_values = torch.zeros(shape, dtype=dtype, device=device)
 
+        def to_tensor(array: np.ndarray, lane: _Lane) -> torch.Tensor:
+            return torch.as_tensor(array, device=device).reshape(*lane.shape, *array.shape[1:])
+
+        def act(lane: _Lane, obs: torch.Tensor, state: Any, reset: torch.Tensor, t: int):
+            noise = action_noise[lane.agents, :, t]
+            return self._act(lane.acting, obs, state, reset, noise, self.action_limit, deterministic)
+
+        def act_and_send(lane: _Lane, t: int) -> None:
+            action, clipped, log_std, value, lane.next_state = act(lane, lane.obs, lane.state, lane.reset, t)
+            stepper.step_async(clipped.reshape(-1, A).cpu().numpy(), lane.index)
+            observations[lane.agents, :, t] = lane.obs
+            actions[lane.agents, :, t] = action
+            values[lane.agents, :, t] = value
+            log_std_sums[lane.agents, :, t] = log_std.sum(-1)
+
+        def receive(lane: _Lane, t: int) -> None:
+            result = stepper.step_wait(lane.index)
+            done = lane.tally(t, result)
+            if result.truncated.any():
+                # Value of the last observation before the automatic reset, for the bootstrap.
+                final_obs = to_tensor(result.final_observation, lane).to(dtype)
+                final_value = act(lane, final_obs, lane.next_state, lane.no_reset, t)[3]
+                truncated = to_tensor(result.truncated, lane)
+                truncation_values[lane.agents, :, t] = torch.where(truncated, final_value, 0.0)
+            resetting = self.reset_state_on == "episode" and done.any()
+            if t + 1 < num_steps:
+                lane.resets[t + 1] = done if resetting else False
+            lane.reset = to_tensor(done, lane) if resetting else lane.no_reset
+            lane.state = lane.next_state
+            lane.obs = to_tensor(result.observation, lane).to(dtype)
+
+        first_obs = torch.as_tensor(env.reset(), device=device).to(dtype).reshape(K, E, -1)
+        for lane in lanes:
+            lane.obs = first_obs[lane.agents]
+            lane.reset = torch.ones(lane.shape, dtype=torch.bool, device=device)
+            lane.no_reset = torch.zeros(lane.shape, dtype=torch.bool, device=device)
+            act_and_send(lane, 0)
         for t in range(num_steps):
-            action, clipped, log_prob, value, state = act(obs, state, reset, action_noise[:, :, t])
-            result = env.step(clipped.reshape(K * E, -1).cpu().numpy())
+            for lane in lanes:  # while this lane is handled, the other lanes' workers step
+                receive(lane, t)
+                if t + 1 < num_steps:
+                    act_and_send(lane, t + 1)
 
-            buffers["observations"][:, :, t] = obs
-            buffers["actions"][:, :, t] = action
-            buffers["log_probs"][:, :, t] = log_prob
-            buffers["values"][:, :, t] = value
-            buffers["rewards"][:, :, t] = to_tensor(result.reward).to(dtype)
-            buffers["terminated"][:, :, t] = to_tensor(result.terminated)
-            buffers["truncated"][:, :, t] = to_tensor(result.truncated)
-            buffers["resets"][:, :, t] = reset
+        def steps_last(arrays: list[np.ndarray]) -> torch.Tensor:
+            """Lanes' ``[T, N_lane]`` numpy arrays -> ``[K, E, T]`` tensor."""
+            return torch.as_tensor(np.concatenate(arrays, axis=1).T.reshape(K, E, num_steps).copy(), device=device)
 
-            episode_return += result.reward
-            episode_success |= result.success
-            done = result.terminated | result.truncated
-            if done.any():
-                return_sum[done] += episode_return[done]
-                success_sum[done] += episode_success[done]
-                episodes[done] += 1
-                episode_return[done] = 0.0
-                episode_success[done] = False
-                if result.truncated.any():
-                    # Value of the last observation before the automatic reset, for the bootstrap.
-                    final_obs = to_tensor(result.final_observation).to(dtype)
-                    no_reset = torch.zeros(K, E, dtype=torch.bool, device=device)
-                    final_value = act(final_obs, state, no_reset, action_noise[:, :, t])[3]
-                    buffers["next_values"][:, :, t] = torch.where(
-                        to_tensor(result.truncated), final_value, torch.zeros_like(final_value)
-                    )
-            obs = to_tensor(result.observation).to(dtype)
-            done_t = to_tensor(done)
-            reset = done_t if self.reset_state_on == "episode" else torch.zeros_like(done_t)
-            if t > 0:
-                # Inside an episode the next value is simply the next step's value.
-                previous_done = buffers["terminated"][:, :, t - 1] | buffers["truncated"][:, :, t - 1]
-                buffers["next_values"][:, :, t - 1] = torch.where(
-                    previous_done, buffers["next_values"][:, :, t - 1], value
-                )
-
+        terminated = steps_last([lane.terminated for lane in lanes])
+        truncated = steps_last([lane.truncated for lane in lanes])
         # Bootstrap the step after the last one where the episode is still running.
-        last_value = act(obs, state, reset, action_noise[:, :, -1])[3]
-        last_done = buffers["terminated"][:, :, -1] | buffers["truncated"][:, :, -1]
-        buffers["next_values"][:, :, -1] = torch.where(last_done, buffers["next_values"][:, :, -1], last_value)
+        last_value = torch.cat([act(lane, lane.obs, lane.state, lane.reset, num_steps - 1)[3] for lane in lanes])
+        # Inside an episode the next value is the next step's value; at a time-limit cut the final
+        # observation's value; after a termination zero (truncation_values is zero there).
+        following = torch.cat([values[:, :, 1:], last_value.unsqueeze(-1)], dim=-1)
+        next_values = torch.where(terminated | truncated, truncation_values, following)
+        # action = mean + std * noise, so its Gaussian log-density needs only the noise and log-std.
+        noise_term = 0.0 if deterministic else -0.5 * action_noise[:, :, :num_steps].square().sum(-1)
+        log_probs = noise_term - log_std_sums - A * LOG_SQRT_2PI
 
-        # Agents whose envs finished no episode (rollout shorter than the horizon) report the
-        # partial return, so short rollouts still log something meaningful.
-        unfinished = episodes == 0
-        return_sum[unfinished] = episode_return[unfinished]
-        success_sum[unfinished] = episode_success[unfinished]
-        per_env_return = return_sum / np.maximum(episodes, 1)
-        per_env_success = success_sum / np.maximum(episodes, 1)
+        # Every rollout starts from the zero state; training recomputes from it.
+        initial_state = policy.initial_state(K * E, device=device).to(dtype)
+        per_env_return, per_env_success = (np.concatenate(parts) for parts in zip(*(lane.per_env_means() for lane in lanes)))
         return Rollout(
-            **buffers,
-            initial_state=initial_state,
+            observations=observations,
+            actions=actions,
+            log_probs=log_probs,
+            values=values,
+            next_values=next_values,
+            rewards=steps_last([lane.rewards for lane in lanes]).to(dtype),
+            terminated=terminated,
+            truncated=truncated,
+            resets=steps_last([lane.resets for lane in lanes]),
+            initial_state=initial_state.reshape(K, E, *initial_state.shape[1:]),
             episode_return=torch.as_tensor(per_env_return.reshape(K, E).mean(1), dtype=dtype, device=device),
             episode_success=torch.as_tensor(per_env_success.reshape(K, E).mean(1), dtype=dtype, device=device),
         )

@@ -181,6 +181,31 @@ def test_workers_match_in_process_stepping(mt10: Benchmark) -> None:
     assert runs[0]["truncated"].sum() == 2 * 10
 
 
+def test_lanes_step_independently_and_match_stepping_all() -> None:
+    bench = make_benchmark("MT1", "reach-v3", seed=0)
+    tasks = bench.sample_tasks("train", 5, np.random.default_rng(0))
+    layout = (bench, "train", 5, 2)
+    with MetaWorldVectorEnv(*layout, max_episode_steps=15, task_one_hot=True) as env:
+        reference = _rollout(env, tasks, 40)
+    # 3 workers over 2 lanes of 3 and 2 agents: lanes are agent ranges with their own workers.
+    with MetaWorldVectorEnv(*layout, num_workers=3, max_episode_steps=15, task_one_hot=True) as env:
+        assert env.lanes == [(0, 3), (3, 5)]
+        env.set_tasks(tasks)
+        env.reset()
+        rng = np.random.default_rng(7)
+        for t in range(40):
+            actions = rng.uniform(-1, 1, (env.num_envs, env.action_dim)).astype(np.float32)
+            # Lane 1 starts first and is collected last: lanes overlap and do not interfere.
+            env.step_async(actions[6:], 1)
+            env.step_async(actions[:6], 0)
+            first, second = env.step_wait(0), env.step_wait(1)
+            for key, value in first._asdict().items():
+                joined = np.concatenate([value, getattr(second, key)])
+                np.testing.assert_array_equal(joined, reference[key][t], err_msg=f"{key} at step {t}")
+        with pytest.raises(ValueError, match=r"^actions: expected shape \(4, 4\)"):
+            env.step_async(actions[:6], 1)
+
+
 def test_auto_reset_at_step_limit() -> None:
     bench = make_benchmark("MT1", "reach-v3", seed=0)
     tasks = bench.sample_tasks("train", 1, np.random.default_rng(0))

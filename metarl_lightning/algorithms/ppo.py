@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 def gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -22,12 +22,12 @@ def gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.
         ``[...]`` log-probabilities.
     """
     z = (actions - mean) * torch.exp(-log_std)
-    return (-0.5 * z.pow(2) - log_std - _LOG_SQRT_2PI).sum(-1)
+    return (-0.5 * z.pow(2) - log_std - LOG_SQRT_2PI).sum(-1)
 
 
 def gaussian_entropy(log_std: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """Entropy of a diagonal Gaussian, summed over the action dimension: ``[...]`` like ``mean[..., 0]``."""
-    per_dim = (0.5 + _LOG_SQRT_2PI + log_std).expand_as(mean)
+    per_dim = (0.5 + LOG_SQRT_2PI + log_std).expand_as(mean)
     return per_dim.sum(-1)
 
 

@@ -266,8 +266,19 @@ class MetaWorldVectorEnv:
         self._conns: list[Connection] = []
         self._procs: list[mp.process.BaseProcess] = []
         num_workers = min(num_workers, n)
-        # Contiguous, near-equal chunks: worker w owns simulators bounds[w]:bounds[w + 1].
-        self._bounds = np.linspace(0, n, max(num_workers, 1) + 1).round().astype(int).tolist()
+        # Worker w owns simulators bounds[w]:bounds[w + 1] (contiguous, near-equal chunks). With two
+        # or more workers and agents the envs form two lanes, each an agent range with its own
+        # workers, so a collector can act for one lane while the other lane's workers step.
+        self._lane_agents = [(0, num_agents)]
+        if num_workers >= 2 and num_agents >= 2:
+            split = (num_agents + 1) // 2
+            self._lane_agents = [(0, split), (split, num_agents)]
+        lane_workers = np.linspace(0, max(num_workers, 1), len(self._lane_agents) + 1).round().astype(int)
+        self._bounds = [0]
+        for (a_lo, a_hi), w_lo, w_hi in zip(self._lane_agents, lane_workers[:-1], lane_workers[1:]):
+            chunks = np.linspace(a_lo * envs_per_agent, a_hi * envs_per_agent, w_hi - w_lo + 1)
+            self._bounds += chunks.round().astype(int).tolist()[1:]
+        self._lane_workers = [range(lo, hi) for lo, hi in zip(lane_workers[:-1], lane_workers[1:])]
         if num_workers == 0:
             self._buf = {k: np.zeros((n, *shape), dtype=dt) for k, (shape, dt) in _FIELDS.items()}
             self._local = _EnvGroup(**group_kwargs(0, n), buffers=self._buf)
@@ -334,32 +345,60 @@ class MetaWorldVectorEnv:
         self._needs_reset = False
         return self._with_one_hot(self._buf["observation"])
 
+    @property
+    def lanes(self) -> list[tuple[int, int]]:
+        """Agent ranges ``[start, stop)`` that step independently (see :meth:`step_async`)."""
+        return list(self._lane_agents)
+
     def step(self, actions: np.ndarray) -> StepResult:
         """Step every env with ``[N, 4]`` actions; finished envs are reset (see ``StepResult``)."""
+        every_worker = range(len(self._bounds) - 1)
+        self._send_step(actions, every_worker, 0, self.num_envs)
+        return self._step_result(every_worker, 0, self.num_envs)
+
+    def step_async(self, actions: np.ndarray, lane: int) -> None:
+        """Start stepping the envs of ``lanes[lane]`` with their ``[N_lane, 4]`` actions.
+
+        With :meth:`step_wait` a collector computes one lane's next actions while the other lane's
+        workers step. In-process envs step here, synchronously.
+        """
+        lo, hi = (a * self.envs_per_agent for a in self._lane_agents[lane])
+        self._send_step(actions, self._lane_workers[lane], lo, hi)
+
+    def step_wait(self, lane: int) -> StepResult:
+        """Wait for the step started by :meth:`step_async` on ``lane``; that lane's rows only."""
+        lo, hi = (a * self.envs_per_agent for a in self._lane_agents[lane])
+        return self._step_result(self._lane_workers[lane], lo, hi)
+
+    def _send_step(self, actions: np.ndarray, workers: range, lo: int, hi: int) -> None:
+        """Write the actions of env rows ``lo:hi`` and signal their workers (or step in-process)."""
         self._check_open()
         if self._needs_reset:
             raise RuntimeError("MetaWorldVectorEnv.step: call reset() first")
         actions = np.asarray(actions, dtype=np.float32)
-        if actions.shape != (self.num_envs, self.action_dim):
-            expected = (self.num_envs, self.action_dim)
-            raise ValueError(f"actions: expected shape {expected}, got {actions.shape}")
-        self._buf["action"][:] = actions
+        if actions.shape != (hi - lo, self.action_dim):
+            raise ValueError(f"actions: expected shape {(hi - lo, self.action_dim)}, got {actions.shape}")
+        self._buf["action"][lo:hi] = actions
         if self._local is not None:
             self._local.step()
         else:
             # Signal every worker before waiting on any, so all groups step concurrently.
-            for conn in self._conns:
-                conn.send_bytes(_STEP)
-            self._gather(expect=_OK)
+            for w in workers:
+                self._conns[w].send_bytes(_STEP)
+
+    def _step_result(self, workers: range, lo: int, hi: int) -> StepResult:
+        """Wait for ``workers`` and copy out env rows ``lo:hi``."""
+        if self._local is None:
+            self._gather(expect=_OK, workers=workers)
         b = self._buf
         # Copies: the buffers are overwritten by the next step, the caller may keep the results.
         return StepResult(
-            observation=self._with_one_hot(b["observation"]),
-            reward=b["reward"].copy(),
-            terminated=b["terminated"].copy(),
-            truncated=b["truncated"].copy(),
-            success=b["success"].copy(),
-            final_observation=self._with_one_hot(b["final_observation"]),
+            observation=self._with_one_hot(b["observation"][lo:hi], lo, hi),
+            reward=b["reward"][lo:hi].copy(),
+            terminated=b["terminated"][lo:hi].copy(),
+            truncated=b["truncated"][lo:hi].copy(),
+            success=b["success"][lo:hi].copy(),
+            final_observation=self._with_one_hot(b["final_observation"][lo:hi], lo, hi),
         )
 
     def close(self) -> None:
@@ -400,14 +439,16 @@ class MetaWorldVectorEnv:
         except Exception:  # noqa: BLE001 - interpreter shutdown may have torn down modules
             pass
 
-    def _gather(self, expect: bytes | None = None) -> None:
-        """Wait for one reply from every worker; raise the first worker error with its traceback.
+    def _gather(self, expect: bytes | None = None, workers: range | None = None) -> None:
+        """Wait for one reply from each worker; raise the first worker error with its traceback.
 
         Args:
             expect: the one-byte reply of the hot path; anything else is a pickled status.
+            workers: the workers to wait for (all by default).
         """
         error = None
-        for w, conn in enumerate(self._conns):
+        for w in range(len(self._conns)) if workers is None else workers:
+            conn = self._conns[w]
             try:
                 msg = conn.recv_bytes()
                 status, payload = ("ok", None) if msg == expect else pickle.loads(msg)
@@ -424,9 +465,9 @@ class MetaWorldVectorEnv:
             self.close()
             raise RuntimeError(error)
 
-    def _with_one_hot(self, obs: np.ndarray) -> np.ndarray:
-        """A fresh ``[N, obs_dim]`` array (never a view of the shared buffers)."""
-        return obs.copy() if self._one_hot is None else np.concatenate([obs, self._one_hot], axis=1)
+    def _with_one_hot(self, obs: np.ndarray, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """Fresh ``[hi - lo, obs_dim]`` observations of env rows ``lo:hi`` (never a shared-buffer view)."""
+        return obs.copy() if self._one_hot is None else np.concatenate([obs, self._one_hot[lo:hi]], axis=1)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -14,10 +14,13 @@ Per-agent (adapted) parameters are applied with ``torch.func.functional_call`` u
 from __future__ import annotations
 
 import abc
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from metarl_lightning.policies.acting import ActingStep
 
 
 def bounded_action_mean(raw: torch.Tensor) -> torch.Tensor:
@@ -64,6 +67,24 @@ class ActorCritic(nn.Module, abc.ABC):
         extra ``"ssm"`` group (no weight decay, own learning rate, as the S4/S5 references do).
         """
         return {"default": [name for name, _ in self.named_parameters()]}
+
+    def acting_step(
+        self, stacked_params: dict[str, torch.Tensor] | None, num_agents: int, envs_per_agent: int
+    ) -> ActingStep:
+        """The rollout path for one rollout's parameters (see :mod:`metarl_lightning.policies.acting`).
+
+        The default runs ``forward`` with ``T == 1`` (vmap over agents); policies override it with a
+        native step that prepares parameters once and batches agents with plain matmuls.
+
+        Args:
+            stacked_params: name -> ``[K, *shape]`` per-agent parameters, or ``None`` for this
+                module's own parameters (every agent acts with theta).
+            num_agents: ``K``.
+            envs_per_agent: ``E``.
+        """
+        from metarl_lightning.policies.acting import GenericActingStep  # acting imports this module
+
+        return GenericActingStep(self, stacked_params, num_agents, envs_per_agent)
 
     @abc.abstractmethod
     def initial_state(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from metarl_lightning.policies.acting import ActingOutput, ParameterSets, apply_linear, prepare_linear
 from metarl_lightning.policies.base import ActorCritic, PolicyOutput, bounded_action_mean
 
 
@@ -48,6 +49,7 @@ class MLPActorCritic(ActorCritic):
         super().__init__()
         self.observation_dim = observation_dim
         self.action_dim = action_dim
+        self.num_layers = num_layers
         self.actor = _mlp(observation_dim, hidden_dim, num_layers, action_dim, out_gain=0.01)
         self.critic = _mlp(observation_dim, hidden_dim, num_layers, 1, out_gain=1.0)
         self.log_std = nn.Parameter(torch.full((action_dim,), float(init_log_std)))
@@ -61,3 +63,65 @@ class MLPActorCritic(ActorCritic):
         mean = bounded_action_mean(self.actor(observations))  # (B, T, A)
         value = self.critic(observations).squeeze(-1)  # (B, T)
         return PolicyOutput(mean, self.log_std.expand_as(mean), value, state)
+
+    @torch.no_grad()
+    def acting_step(
+        self, stacked_params: dict[str, torch.Tensor] | None, num_agents: int, envs_per_agent: int
+    ) -> MLPActingStep:
+        """Native rollout step (see :meth:`ActorCritic.acting_step`)."""
+        return MLPActingStep(self, stacked_params, num_agents, envs_per_agent)
+
+
+class MLPActingStep:
+    """The MLP's rollout step: actor and critic hidden layers as one batched matmul each.
+
+    Args:
+        policy: the architecture (its parameters act when ``stacked_params`` is None).
+        stacked_params: name -> ``[K, *shape]``, or ``None``.
+        num_agents: ``K``.
+        envs_per_agent: ``E``.
+    """
+
+    _NETS = ("actor.", "critic.")
+
+    def __init__(
+        self,
+        policy: MLPActorCritic,
+        stacked_params: dict[str, torch.Tensor] | None,
+        num_agents: int,
+        envs_per_agent: int,
+    ) -> None:
+        per_agent = stacked_params is not None
+        sets = ParameterSets(stacked_params if per_agent else dict(policy.named_parameters()), per_agent)
+        self.num_agents, self.envs_per_agent = num_agents, envs_per_agent
+        self.num_sets = num_agents if per_agent else 1  # K'
+        # Sequential indices: Linear at 0, 2, ..., head at 2 * num_layers (Tanh in between).
+        self.hidden = [
+            prepare_linear(sets.stack(self._NETS, f"{2 * i}.weight"), sets.stack(self._NETS, f"{2 * i}.bias"))
+            for i in range(policy.num_layers)
+        ]  # each ([2K', 1, H], [2K', in, H])
+        head = 2 * policy.num_layers
+        self.action_head = prepare_linear(sets.get(f"actor.{head}.weight"), sets.get(f"actor.{head}.bias"))
+        self.value_head = prepare_linear(sets.get(f"critic.{head}.weight"), sets.get(f"critic.{head}.bias"))
+        log_std = sets.get("log_std")  # (K', A)
+        self.log_std = log_std.unsqueeze(1)  # (K', 1, A): broadcasts against (K, E, A)
+        self.dtype, self.device = log_std.dtype, log_std.device
+
+    def initial_state(self) -> torch.Tensor:
+        """Width-0 state ``[K, E, 0]``."""
+        return torch.zeros(self.num_agents, self.envs_per_agent, 0, dtype=self.dtype, device=self.device)
+
+    def __call__(self, obs: torch.Tensor, state: torch.Tensor, reset: torch.Tensor) -> ActingOutput:
+        """See :class:`~metarl_lightning.policies.acting.ActingStep`; ``reset`` is unused."""
+        K, E, D = obs.shape
+        x = obs.reshape(self.num_sets, -1, D)  # (K', M, D)
+        if self.hidden:
+            x = torch.cat([x, x])  # (2K', M, D): actor sets, then critic sets (cat: 10x cheaper than repeat)
+            for layer in self.hidden:
+                x = torch.tanh(apply_linear(x, layer))  # (2K', M, H)
+            actor_x, critic_x = x.chunk(2)
+        else:
+            actor_x = critic_x = x
+        mean = bounded_action_mean(apply_linear(actor_x, self.action_head))  # (K', M, A)
+        value = apply_linear(critic_x, self.value_head)  # (K', M, 1)
+        return ActingOutput(mean.reshape(K, E, -1), self.log_std, value.reshape(K, E), state)

@@ -109,6 +109,22 @@ def to_real(state: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(state)
 
 
+def discretize(Lambda: torch.Tensor, log_step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-order hold for :class:`S5`'s parameterisation (any leading dims, e.g. per agent).
+
+    Args:
+        Lambda: ``(..., N, 2)``: ``log(-Re Lambda)`` and ``Im Lambda``.
+        log_step: ``(..., N)`` log step sizes.
+
+    Returns:
+        ``lam_bar = exp(Lambda dt)`` and ``input_scale = (lam_bar - 1) / Lambda``, ``(..., N)``
+        complex; ``B_bar = diag(input_scale) B``.
+    """
+    lam = torch.complex(-torch.exp(Lambda[..., 0]), Lambda[..., 1])  # (..., N)
+    lam_bar = torch.exp(lam * torch.exp(log_step))  # (..., N)
+    return lam_bar, (lam_bar - 1.0) / lam
+
+
 class S5(nn.Module):
     """Diagonal complex SSM layer mapping ``(B, T, H)`` to ``(B, T, H)``.
 
@@ -167,9 +183,7 @@ class S5(nn.Module):
         Returns:
             ``lam_bar`` ``(N,)`` complex and ``input_scale = (lam_bar - 1) / Lambda`` ``(N,)`` complex.
         """
-        lam = torch.complex(-torch.exp(self.Lambda[:, 0]), self.Lambda[:, 1])  # (N,)
-        lam_bar = torch.exp(lam * torch.exp(self.log_step))  # (N,)
-        return lam_bar, (lam_bar - 1.0) / lam
+        return discretize(self.Lambda, self.log_step)
 
     def _input(self, u: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
         """``B_bar u`` for real ``u`` ``(..., H)`` -> complex ``(..., N)``.

@@ -19,6 +19,7 @@ from torch import nn
 
 from metarl_lightning.policies.base import ActorCritic, PolicyOutput, bounded_action_mean
 from metarl_lightning.policies.ssm import S5
+from metarl_lightning.policies.ssm_acting import SSMActingStep
 
 
 class S5Block(nn.Module):
@@ -142,6 +143,13 @@ class SSMActorCritic(ActorCritic):
             is_ssm = ".ssm." in name and name.rsplit(".", 1)[-1] in S5.ssm_parameter_names
             (ssm if is_ssm else default).append(name)
         return {"ssm": ssm, "default": default}
+
+    @torch.no_grad()
+    def acting_step(
+        self, stacked_params: dict[str, torch.Tensor] | None, num_agents: int, envs_per_agent: int
+    ) -> SSMActingStep:
+        """Native rollout step with per-rollout parameter folding (see :mod:`.ssm_acting`)."""
+        return SSMActingStep(self, stacked_params, num_agents, envs_per_agent)
 
     def initial_state(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
         """Zero state ``(batch_size, trunks * num_layers, N, 2)``."""

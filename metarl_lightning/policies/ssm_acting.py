@@ -1,0 +1,142 @@
+"""The SSM actor-critic's rollout step: parameters folded once per rollout, agents batched by matmul.
+
+Per env step the S5 step of :class:`~metarl_lightning.policies.ssm_actor_critic.S5Block` is, for each
+block, ``n = LayerNorm(x)``, ``h = lam_bar h + B_bar n``, ``y = [Re h, Im h] C + D n``,
+``x = x + GLU(GELU(y))``. Everything that depends on parameters only is done here once per
+rollout instead of once per step:
+
+* ZOH discretisation (``lam_bar``, ``B_bar``),
+* the LayerNorm affines, folded into the matmul after them (``B_bar``, ``D`` and the heads),
+* actor and critic trunks stacked as parameter sets of one batched matmul (their inputs are the
+  same observations), so each layer costs its ops once, not once per trunk.
+
+That leaves 9 tensor ops per block per step for all agents and both trunks (measured in
+``benchmarks/bench_ssm.py``). The state is kept complex, ``[L, G * K', M, N]``, the layout the
+step consumes, so no per-step conversions are needed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from metarl_lightning.policies.acting import (
+    ActingOutput,
+    ParameterSets,
+    apply_linear,
+    fold_affine_into_linear,
+    prepare_linear,
+)
+from metarl_lightning.policies.base import bounded_action_mean
+from metarl_lightning.policies.ssm import discretize
+
+if TYPE_CHECKING:
+    from metarl_lightning.policies.ssm_actor_critic import SSMActorCritic
+
+
+class _FoldedBlock:
+    """One S5 block's per-rollout constants for ``P`` parameter sets.
+
+    Args:
+        sets: the rollout's parameters.
+        trunks: parameter-name prefixes of the stacked trunks.
+        prefix: the block's name inside a trunk, e.g. ``"blocks.0."``.
+    """
+
+    def __init__(self, sets: ParameterSets, trunks: tuple[str, ...], prefix: str) -> None:
+        def stack(name: str) -> torch.Tensor:
+            return sets.stack(trunks, prefix + name)
+
+        norm_scale, norm_shift = stack("norm.weight"), stack("norm.bias")  # (P, H)
+        lam_bar, input_scale = discretize(stack("ssm.Lambda"), stack("ssm.log_step"))  # (P, N)
+        b_bar = torch.view_as_complex(stack("ssm.B").contiguous()) * input_scale.unsqueeze(-2)  # (P, H, N)
+        # B_bar (scale * n + shift) = (diag(scale) B_bar) n + B_bar^T shift, in real/imag pairs.
+        folded_b = norm_scale.unsqueeze(-1) * b_bar  # (P, H, N)
+        folded_b_bias = torch.einsum("ph,phn->pn", norm_shift.to(b_bar.dtype), b_bar)  # (P, N)
+        self.num_modes = lam_bar.shape[-1]
+        self.input = (
+            torch.view_as_real(folded_b_bias).flatten(-2).unsqueeze(-2),  # (P, 1, 2N)
+            torch.view_as_real(folded_b).flatten(-2).contiguous(),  # (P, H, 2N)
+        )
+        self.lam_bar = lam_bar.unsqueeze(-2)  # (P, 1, N)
+        d = stack("ssm.D")  # (P, H)
+        # y = [Re h, Im h] C + D (scale * n + shift) = ([Re h, Im h] C + D shift) + (D scale) n.
+        self.output = ((d * norm_shift).unsqueeze(-2), stack("ssm.C").flatten(1, 2).contiguous())  # (P,1,H), (P,2N,H)
+        self.feedthrough = (d * norm_scale).unsqueeze(-2)  # (P, 1, H)
+        self.glu = prepare_linear(stack("glu.weight"), stack("glu.bias"))
+
+    def __call__(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` ``(P, M, H)`` real, ``h`` ``(P, M, N)`` complex -> next ``x`` and ``h``."""
+        n = F.layer_norm(x, x.shape[-1:])  # affine folded into the constants
+        bu = torch.view_as_complex(apply_linear(n, self.input).unflatten(-1, (self.num_modes, 2)))  # (P, M, N)
+        h = torch.addcmul(bu, self.lam_bar, h)  # (P, M, N)
+        y = torch.addcmul(apply_linear(torch.view_as_real(h).flatten(-2), self.output), self.feedthrough, n)
+        value, gate = apply_linear(F.gelu(y), self.glu).chunk(2, dim=-1)  # (P, M, H) each
+        return torch.addcmul(x, value, torch.sigmoid(gate)), h
+
+
+class SSMActingStep:
+    """Rollout step of :class:`~metarl_lightning.policies.ssm_actor_critic.SSMActorCritic`.
+
+    Args:
+        policy: the architecture (its parameters act when ``stacked_params`` is None).
+        stacked_params: name -> ``[K, *shape]``, or ``None``.
+        num_agents: ``K``.
+        envs_per_agent: ``E``.
+    """
+
+    def __init__(
+        self,
+        policy: SSMActorCritic,
+        stacked_params: dict[str, torch.Tensor] | None,
+        num_agents: int,
+        envs_per_agent: int,
+    ) -> None:
+        per_agent = stacked_params is not None
+        sets = ParameterSets(stacked_params if per_agent else dict(policy.named_parameters()), per_agent)
+        self.num_agents, self.envs_per_agent = num_agents, envs_per_agent
+        self.num_sets = num_agents if per_agent else 1  # K'
+        self.trunks = ("actor_trunk.",) if policy.critic_trunk is None else ("actor_trunk.", "critic_trunk.")
+        self.encoder = prepare_linear(sets.stack(self.trunks, "encoder.weight"), sets.stack(self.trunks, "encoder.bias"))
+        self.blocks = [_FoldedBlock(sets, self.trunks, f"blocks.{i}.") for i in range(policy.num_layers)]
+        # The output LayerNorm's affine goes into the heads: actor sets first, critic sets last.
+        out_scale = sets.stack(self.trunks, "out_norm.weight").unflatten(0, (len(self.trunks), -1))  # (G, K', H)
+        out_shift = sets.stack(self.trunks, "out_norm.bias").unflatten(0, (len(self.trunks), -1))
+        self.action_head = prepare_linear(
+            *fold_affine_into_linear(out_scale[0], out_shift[0], sets.get("action_head.weight"), sets.get("action_head.bias"))
+        )
+        self.value_head = prepare_linear(
+            *fold_affine_into_linear(out_scale[-1], out_shift[-1], sets.get("value_head.weight"), sets.get("value_head.bias"))
+        )
+        log_std = sets.get("log_std")  # (K', A)
+        self.log_std = log_std.unsqueeze(1)  # (K', 1, A)
+        self.dtype, self.device = log_std.dtype, log_std.device
+        self.num_modes = policy.num_modes
+
+    def initial_state(self) -> torch.Tensor:
+        """Zero complex state ``[L, G * K', M, N]``."""
+        sets = len(self.trunks) * self.num_sets
+        envs = self.num_agents * self.envs_per_agent // self.num_sets
+        complex_dtype = torch.promote_types(self.dtype, torch.complex64)  # float64 -> complex128
+        return torch.zeros(len(self.blocks), sets, envs, self.num_modes, dtype=complex_dtype, device=self.device)
+
+    def __call__(self, obs: torch.Tensor, state: torch.Tensor, reset: torch.Tensor) -> ActingOutput:
+        """See :class:`~metarl_lightning.policies.acting.ActingStep`."""
+        K, E, D = obs.shape
+        if reset.any():  # episode starts only: skip the masking on every other step
+            keep = (~reset).to(self.dtype).reshape(1, 1, self.num_sets, -1, 1)  # (1, 1, K', M, 1)
+            state = (state.unflatten(1, (len(self.trunks), self.num_sets)) * keep).flatten(1, 2)
+        x = obs.reshape(self.num_sets, -1, D)
+        x = torch.cat([x] * len(self.trunks)) if len(self.trunks) > 1 else x  # (P, M, D)
+        x = F.gelu(apply_linear(x, self.encoder))  # (P, M, H)
+        new_state = []
+        for block, h in zip(self.blocks, state.unbind(0)):
+            x, h = block(x, h)
+            new_state.append(h)
+        features = F.layer_norm(x, x.shape[-1:]).chunk(len(self.trunks))  # (K', M, H) per trunk
+        mean = bounded_action_mean(apply_linear(features[0], self.action_head))  # (K', M, A)
+        value = apply_linear(features[-1], self.value_head)  # (K', M, 1)
+        next_state = torch.stack(new_state) if new_state else state
+        return ActingOutput(mean.reshape(K, E, -1), self.log_std, value.reshape(K, E), next_state)

@@ -1,0 +1,75 @@
+"""Native acting steps (per-rollout folded parameters, batched matmuls) == the policy's ``forward``."""
+
+import pytest
+import torch
+
+from metarl_lightning.policies import GRUActorCritic, MLPActorCritic, SSMActorCritic
+from metarl_lightning.policies.acting import GenericActingStep
+from metarl_lightning.policies.mlp import MLPActingStep
+from metarl_lightning.policies.ssm_acting import SSMActingStep
+
+K, E, D, A = 3, 4, 5, 2
+
+POLICIES = {
+    "mlp": lambda: MLPActorCritic(D, A, hidden_dim=16),
+    "mlp-1-layer": lambda: MLPActorCritic(D, A, hidden_dim=16, num_layers=1),
+    "ssm": lambda: SSMActorCritic(D, A, hidden_dim=16, state_dim=8),
+    "ssm-shared-trunk": lambda: SSMActorCritic(D, A, hidden_dim=16, state_dim=8, shared_trunk=True),
+    "ssm-3-layers": lambda: SSMActorCritic(D, A, hidden_dim=16, state_dim=8, num_layers=3),
+}
+
+
+def perturbed(policy: torch.nn.Module) -> torch.nn.Module:
+    """Move every parameter off its initial value (LayerNorm affines start at 1 / 0, heads near 0)."""
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return policy
+
+
+@pytest.mark.parametrize("per_agent", [True, False], ids=["per-agent", "theta"])
+@pytest.mark.parametrize("kind", sorted(POLICIES))
+def test_native_step_equals_forward_over_a_rollout_with_resets(kind, per_agent):
+    torch.manual_seed(0)
+    policy = perturbed(POLICIES[kind]()).double()
+    params = None
+    if per_agent:  # genuinely different parameters per agent
+        params = {n: p.detach() + 0.1 * torch.randn(K, *p.shape, dtype=p.dtype) for n, p in policy.named_parameters()}
+    native, generic = policy.acting_step(params, K, E), GenericActingStep(policy, params, K, E)
+    assert not isinstance(native, GenericActingStep)
+    native_state, generic_state = native.initial_state(), generic.initial_state()
+    with torch.no_grad():
+        for t in range(15):
+            obs = torch.randn(K, E, D, dtype=torch.float64)
+            reset = torch.rand(K, E) < 0.25 if t else torch.ones(K, E, dtype=torch.bool)
+            a, b = native(obs, native_state, reset), generic(obs, generic_state, reset)
+            torch.testing.assert_close(a.mean, b.mean, rtol=0, atol=1e-12)
+            torch.testing.assert_close(a.value, b.value, rtol=0, atol=1e-12)
+            torch.testing.assert_close(a.log_std.expand_as(a.mean), b.log_std, rtol=0, atol=0)
+            native_state, generic_state = a.state, b.state
+
+
+def test_reset_zeroes_only_the_flagged_envs_state():
+    torch.manual_seed(0)
+    policy = perturbed(SSMActorCritic(D, A, hidden_dim=16, state_dim=8))
+    step = policy.acting_step(None, K, E)
+    obs = torch.randn(K, E, D)
+    with torch.no_grad():
+        warm = step.initial_state()
+        for _ in range(5):
+            warm = step(obs, warm, torch.zeros(K, E, dtype=torch.bool)).state
+        reset = torch.zeros(K, E, dtype=torch.bool)
+        reset[1, 2] = True
+        after_reset = step(obs, warm, reset)
+        fresh = step(obs, step.initial_state(), torch.zeros(K, E, dtype=torch.bool))
+        carried = step(obs, warm, torch.zeros(K, E, dtype=torch.bool))
+    assert torch.allclose(after_reset.mean[1, 2], fresh.mean[1, 2], atol=1e-6)
+    assert not torch.allclose(after_reset.mean[1, 2], carried.mean[1, 2], atol=1e-4)
+    others = ~reset
+    assert torch.allclose(after_reset.mean[others], carried.mean[others], atol=1e-6)
+
+
+def test_policies_without_a_native_step_use_the_generic_one():
+    assert isinstance(GRUActorCritic(D, A).acting_step(None, K, E), GenericActingStep)
+    assert isinstance(MLPActorCritic(D, A).acting_step(None, K, E), MLPActingStep)
+    assert isinstance(SSMActorCritic(D, A).acting_step(None, K, E), SSMActingStep)
