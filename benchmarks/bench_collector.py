@@ -1,18 +1,25 @@
 """Collector throughput on MT10: the multi-agent collector vs random stepping of the same envs.
 
 Prints, each a ratio measured in one run:
-  * env steps/s of the collector acting with a policy (MLP and S5; one vmapped call per step for all
-    agents) vs the same worker layout stepped with random actions (target >= 0.85);
+  * env steps/s of the collector acting with a policy (MLP and S5; per-agent parameters as in the
+    query rollouts, shared theta as in the support rollouts; steps in sync or pipelined over the two
+    worker lanes) vs the same worker layout stepped with random actions (target >= 0.85). Both
+    sides reset the envs and then step them ``T`` times; candidates are interleaved and repeated,
+    and the median ratio is reported with the learner's CPU time per step (the cost that does not
+    overlap env stepping unless pipelined);
+  * the collector on fast vs stock envs (issue 7's end-to-end gain);
   * end-to-end env steps/s of full meta-training iterations (support + adapt + query + PPO update)
     vs random stepping, and the share of an iteration spent collecting.
 
-Usage: python benchmarks/bench_collector.py [--quick]
+Usage: python benchmarks/bench_collector.py [--quick] [--envs-per-agent E]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,34 +34,62 @@ from metarl_lightning.module import MetaRLModule
 from metarl_lightning.policies import MLPActorCritic, SSMActorCritic
 from metarl_lightning.rollouts import RolloutCollector
 
-
-def random_steps_per_s(env: MetaWorldVectorEnv, steps: int) -> float:
-    rng = np.random.default_rng(0)
-    env.reset()
-    start = time.perf_counter()
-    for _ in range(steps):
-        env.step(rng.uniform(-1, 1, size=(env.num_envs, env.action_dim)).astype(np.float32))
-    return steps * env.num_envs / (time.perf_counter() - start)
+AGENTS = 10
 
 
-def collector_steps_per_s(env: MetaWorldVectorEnv, policy: torch.nn.Module, steps: int, per_agent: bool = True, compiled: bool = False) -> float:
-    """Per-agent parameters (the query rollouts: vmap over agents) or shared theta (the support rollouts).
+def timed(run: Callable[[], None], steps: int) -> tuple[float, float]:
+    """``(env steps/s, learner CPU seconds)`` of one call of ``run`` taking ``steps`` env steps."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    run()
+    return steps / (time.perf_counter() - wall), time.process_time() - cpu
 
-    A compiled collector is warmed up with one untimed rollout (compilation is a one-off cost).
-    """
-    collector = RolloutCollector(env, compile_policy=compiled)
+
+def random_rollout(env: MetaWorldVectorEnv, steps: int, rng: np.random.Generator) -> Callable[[], None]:
+    def run() -> None:
+        env.reset()
+        for _ in range(steps):
+            env.step(rng.uniform(-1, 1, size=(env.num_envs, env.action_dim)).astype(np.float32))
+
+    return run
+
+
+def policy_rollout(env: MetaWorldVectorEnv, policy: torch.nn.Module, steps: int, per_agent: bool, pipeline: bool) -> Callable[[], None]:
+    collector = RolloutCollector(env, pipeline=pipeline, acting_threads=1)
     params = {k: v.detach() for k, v in stack_for_agents(dict(policy.named_parameters()), env.num_agents).items()}
-    params = params if per_agent else None
     noise = torch.randn(env.num_agents, env.envs_per_agent, steps, env.action_dim)
-    if compiled:
-        collector.collect(policy, params, steps, noise)
-    start = time.perf_counter()
-    collector.collect(policy, params, steps, noise)
-    return steps * env.num_envs / (time.perf_counter() - start)
+    return lambda: collector.collect(policy, params if per_agent else None, steps, noise)
 
 
-def end_to_end(policy_name: str, steps: int, iterations: int) -> tuple[float, float]:
-    data = MetaTaskDataModule("MT10", meta_batch_size=10, rollouts_per_task=2, envs_per_task=2, max_episode_steps=steps, num_env_workers=2)
+def collector_table(env: MetaWorldVectorEnv, steps: int, repeats: int) -> list[tuple[str, float, float, float]]:
+    """Rows ``(label, random steps/s, collector steps/s, learner CPU us per step)``, medians of ``repeats``."""
+    rng = np.random.default_rng(0)
+    policies = {"mlp": MLPActorCritic(39, 4), "ssm": SSMActorCritic(39, 4)}
+    candidates: dict[str, Callable[[], None]] = {}
+    for name, policy in policies.items():
+        for per_agent in (True, False):
+            for pipeline in (False, True):
+                label = f"{name} {'per-agent' if per_agent else 'theta'} {'pipelined' if pipeline else 'sync'}"
+                candidates[label] = policy_rollout(env, policy, steps, per_agent, pipeline)
+    env_steps = steps * env.num_envs
+    results: dict[str, list[tuple[float, float, float]]] = {label: [] for label in candidates}
+    for _ in range(repeats):
+        for label, run in candidates.items():
+            # A random-action rollout right before each candidate: load drifts hit both alike.
+            random_rate, _ = timed(random_rollout(env, steps, rng), env_steps)
+            rate, cpu = timed(run, env_steps)
+            results[label].append((random_rate, rate, cpu / steps * 1e6))
+    rows = []
+    for label, runs in results.items():
+        ratio = statistics.median(r / b for b, r, _ in runs)
+        rows.append((label, statistics.median(b for b, _, _ in runs), ratio, statistics.median(c for _, _, c in runs)))
+    return rows
+
+
+def end_to_end(policy_name: str, steps: int, envs_per_agent: int, iterations: int) -> tuple[float, float]:
+    data = MetaTaskDataModule(
+        "MT10", meta_batch_size=AGENTS, rollouts_per_task=envs_per_agent, envs_per_task=envs_per_agent,
+        max_episode_steps=steps, num_env_workers=2,
+    )
     policy = MLPActorCritic(39, 4) if policy_name == "mlp" else SSMActorCritic(39, 4)
     meter = measure_fit(MetaRLModule(policy, ppo_epochs=4), data, iterations, accelerator="cpu")
     return meter.median_rate, meter.median_collect_share
@@ -62,40 +97,33 @@ def end_to_end(policy_name: str, steps: int, iterations: int) -> tuple[float, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer steps (noisier)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (noisier)")
+    parser.add_argument("--envs-per-agent", type=int, default=2, help="envs per agent E (10 agents)")
     args = parser.parse_args()
-    steps = 100 if args.quick else 400
-    torch.set_num_threads(1)
+    steps, repeats = (100, 1) if args.quick else (400, 3)
+    E = args.envs_per_agent
     bench = make_benchmark("MT10")
-    env = MetaWorldVectorEnv(bench, "train", num_agents=10, envs_per_agent=2, num_workers=2, max_episode_steps=steps + 1)
-    env.set_tasks(bench.sample_tasks("train", 10, np.random.default_rng(0)))
-    rows = []
-    policies = {"mlp": MLPActorCritic(39, 4), "ssm": SSMActorCritic(39, 4)}
-    for name in ("mlp", "ssm"):
-        for per_agent in (True, False):
-            for compiled in (False, True):
-                # Interleave so load from other processes hits both sides alike.
-                random_rate = random_steps_per_s(env, steps)
-                policy_rate = collector_steps_per_s(env, policies[name], steps, per_agent, compiled)
-                label = f"{name} {'per-agent' if per_agent else 'theta'}{' compiled' if compiled else ''}"
-                rows.append((label, random_rate, policy_rate))
+    env = MetaWorldVectorEnv(bench, "train", num_agents=AGENTS, envs_per_agent=E, num_workers=2, max_episode_steps=steps + 1)
+    env.set_tasks(bench.sample_tasks("train", AGENTS, np.random.default_rng(0)))
+    rows = collector_table(env, steps, repeats)
     env.close()
-    print(f"{'policy / params':27} {'random steps/s':>15} {'collector steps/s':>18} {'ratio':>6}")
-    for name, random_rate, policy_rate in rows:
-        print(f"{name:27} {random_rate:15.0f} {policy_rate:18.0f} {policy_rate / random_rate:6.2f}")
+    print(f"MT10, {AGENTS} agents x {E} envs, 2 workers, {steps} steps, median of {repeats}")
+    print(f"{'policy / params / stepping':30} {'random steps/s':>15} {'ratio':>6} {'learner CPU/step':>17}")
+    for label, random_rate, ratio, cpu_us in rows:
+        print(f"{label:30} {random_rate:15.0f} {ratio:6.2f} {cpu_us:14.0f} us")
 
     # Issue 7's end-to-end gain: the same collector (MLP, per-agent params) on stock vs fast envs.
-    rates = {}
+    rates: dict[bool, list[float]] = {}
     for fast in (False, True, False, True):
-        fast_env = MetaWorldVectorEnv(bench, "train", num_agents=10, envs_per_agent=2, num_workers=2, max_episode_steps=steps + 1, fast=fast)
-        fast_env.set_tasks(bench.sample_tasks("train", 10, np.random.default_rng(0)))
-        rates.setdefault(fast, []).append(collector_steps_per_s(fast_env, policies["mlp"], steps))
+        fast_env = MetaWorldVectorEnv(bench, "train", AGENTS, E, num_workers=2, max_episode_steps=steps + 1, fast=fast)
+        fast_env.set_tasks(bench.sample_tasks("train", AGENTS, np.random.default_rng(0)))
+        rates.setdefault(fast, []).append(timed(policy_rollout(fast_env, MLPActorCritic(39, 4), steps, True, False), steps * fast_env.num_envs)[0])
         fast_env.close()
     stock, fast_rate = np.mean(rates[False]), np.mean(rates[True])
     print(f"collector on MT10, stock envs {stock:.0f} steps/s, fast envs {fast_rate:.0f} steps/s: {fast_rate / stock:.2f}x")
-    reference = float(np.mean([r for _, r, _ in rows]))
+    reference = float(np.median([r for _, r, _, _ in rows]))
     for name in ("mlp", "ssm"):
-        rate, share = end_to_end(name, steps, 3 if args.quick else 5)
+        rate, share = end_to_end(name, steps, E, 3 if args.quick else 5)
         print(f"end-to-end meta-iteration ({name}): {rate:.0f} env steps/s = {rate / reference:.2f} x random stepping; collection {share:.0%} of the iteration")
 
 

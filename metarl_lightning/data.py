@@ -242,9 +242,6 @@ class MetaTaskDataModule(L.LightningDataModule):
             from metarl_lightning.envs.workers import MetaWorldVectorEnv
 
             workers = self._workers()
-            # Tiny matmuls slow down many-fold when torch's threads fight env workers for 2 cores.
-            if workers > 0:
-                torch.set_num_threads(1)
             classes = self._bench.slot_classes(split, global_agents)
             env = MetaWorldVectorEnv(
                 self._bench,
@@ -259,8 +256,15 @@ class MetaTaskDataModule(L.LightningDataModule):
                 agent_classes=classes[self._rank * agents : (self._rank + 1) * agents],
             )
         self._envs[split] = env
+        # Tiny per-step matmuls slow down many-fold when torch's threads fight the env workers for
+        # the cores, so acting runs on one thread; the meta-update keeps all of them.
+        acting_threads = 1 if self.benchmark != NAV2D and self._workers() > 0 else None
         self._collectors[split] = RolloutCollector(
-            env, reset_state_on=self.reset_state_on, compile_policy=self.compile_policy, pipeline=self.pipeline_rollouts
+            env,
+            reset_state_on=self.reset_state_on,
+            compile_policy=self.compile_policy,
+            pipeline=self.pipeline_rollouts,
+            acting_threads=acting_threads,
         )
 
     @property

@@ -22,6 +22,7 @@ from metarl_lightning.algorithms.ppo import normalize_advantages
 from metarl_lightning.envs.base import StepResult, TaskVectorEnv
 from metarl_lightning.policies.base import ActorCritic
 from metarl_lightning.policies.acting import ActingStep
+from metarl_lightning.rollout_values import rollout_values
 
 ResetMode = Literal["episode", "trial"]
 
@@ -190,6 +191,13 @@ class RolloutCollector:
             seconds each on a CPU). The native steps of the MLP and SSM policies gain nothing from it
             (compute-bound, measured); it helps policies on the generic vmap path (GRU, custom).
         pipeline: overlap acting and env stepping across lanes when the env has them.
+        values_after_rollout: with ``reset_state_on: episode``, act with the actor only and
+            compute every value (and the bootstrap values) after the rollout in one sequence
+            forward (:mod:`metarl_lightning.rollout_values`); it halves the per-step policy work of
+            the actor-critic policies. ``False`` runs the critic in every acting step.
+        acting_threads: torch threads while stepping (``None``: leave as is). With env worker
+            processes on the same cores, 1 avoids the learner's threads competing with them; the
+            values after the rollout (workers idle) and the caller's meta-update use all threads.
     """
 
     def __init__(
@@ -199,6 +207,8 @@ class RolloutCollector:
         action_limit: float = 1.0,
         compile_policy: bool = False,
         pipeline: bool = False,
+        values_after_rollout: bool = True,
+        acting_threads: int | None = None,
     ) -> None:
         if reset_state_on not in ("episode", "trial"):
             raise ValueError(f"reset_state_on: expected 'episode' or 'trial', got {reset_state_on!r}")
@@ -206,6 +216,9 @@ class RolloutCollector:
         self.reset_state_on = reset_state_on
         self.action_limit = action_limit
         self.pipeline = pipeline
+        self.acting_threads = acting_threads
+        # A trial-long state cannot take the inserted final observations (see rollout_values).
+        self.values_after_rollout = values_after_rollout and reset_state_on == "episode"
         self._act = torch.compile(act_step, dynamic=False) if compile_policy else act_step
 
     @torch.no_grad()
@@ -238,7 +251,7 @@ class RolloutCollector:
         lanes = []
         for index, (start, stop) in enumerate(stepper.lanes):
             params = None if stacked_params is None else {n: p[start:stop] for n, p in stacked_params.items()}
-            acting = policy.acting_step(params, stop - start, E)
+            acting = policy.acting_step(params, stop - start, E, with_values=not self.values_after_rollout)
             lanes.append(_Lane(index, start, stop, E, num_steps, acting))
 
         # Per step the learner only acts and stores three tensors; everything derivable from the
@@ -249,8 +262,10 @@ class RolloutCollector:
         actions = torch.empty(*shape, A, dtype=dtype, device=device)
         values = torch.empty(shape, dtype=dtype, device=device)
         log_std_sums = torch.empty(shape, dtype=dtype, device=device)
-        # Value of the final observation of episodes cut by the time limit (zero elsewhere).
+        # Value of the final observation of episodes cut by the time limit (zero elsewhere), or
+        # with values after the rollout, those final observations.
         truncation_values = torch.zeros(shape, dtype=dtype, device=device)
+        final_observations = torch.zeros_like(observations) if self.values_after_rollout else None
 
         def to_tensor(array: np.ndarray, lane: _Lane) -> torch.Tensor:
             return torch.as_tensor(array, device=device).reshape(*lane.shape, *array.shape[1:])
@@ -264,18 +279,22 @@ class RolloutCollector:
             stepper.step_async(clipped.reshape(-1, A).cpu().numpy(), lane.index)
             observations[lane.agents, :, t] = lane.obs
             actions[lane.agents, :, t] = action
-            values[lane.agents, :, t] = value
+            if value is not None:
+                values[lane.agents, :, t] = value
             log_std_sums[lane.agents, :, t] = log_std.sum(-1)
 
         def receive(lane: _Lane, t: int) -> None:
             result = stepper.step_wait(lane.index)
             done = lane.tally(t, result)
             if result.truncated.any():
-                # Value of the last observation before the automatic reset, for the bootstrap.
+                # The last observation before the automatic reset, for the bootstrap value.
                 final_obs = to_tensor(result.final_observation, lane).to(dtype)
-                final_value = act(lane, final_obs, lane.next_state, lane.no_reset, t)[3]
-                truncated = to_tensor(result.truncated, lane)
-                truncation_values[lane.agents, :, t] = torch.where(truncated, final_value, 0.0)
+                if final_observations is not None:
+                    final_observations[lane.agents, :, t] = final_obs
+                else:
+                    final_value = act(lane, final_obs, lane.next_state, lane.no_reset, t)[3]
+                    truncated = to_tensor(result.truncated, lane)
+                    truncation_values[lane.agents, :, t] = torch.where(truncated, final_value, 0.0)
             resetting = self.reset_state_on == "episode" and done.any()
             if t + 1 < num_steps:
                 lane.resets[t + 1] = done if resetting else False
@@ -284,16 +303,22 @@ class RolloutCollector:
             lane.obs = to_tensor(result.observation, lane).to(dtype)
 
         first_obs = torch.as_tensor(env.reset(), device=device).to(dtype).reshape(K, E, -1)
-        for lane in lanes:
-            lane.obs = first_obs[lane.agents]
-            lane.reset = torch.ones(lane.shape, dtype=torch.bool, device=device)
-            lane.no_reset = torch.zeros(lane.shape, dtype=torch.bool, device=device)
-            act_and_send(lane, 0)
-        for t in range(num_steps):
-            for lane in lanes:  # while this lane is handled, the other lanes' workers step
-                receive(lane, t)
-                if t + 1 < num_steps:
-                    act_and_send(lane, t + 1)
+        threads = torch.get_num_threads()
+        if self.acting_threads is not None:
+            torch.set_num_threads(self.acting_threads)
+        try:
+            for lane in lanes:
+                lane.obs = first_obs[lane.agents]
+                lane.reset = torch.ones(lane.shape, dtype=torch.bool, device=device)
+                lane.no_reset = torch.zeros(lane.shape, dtype=torch.bool, device=device)
+                act_and_send(lane, 0)
+            for t in range(num_steps):
+                for lane in lanes:  # while this lane is handled, the other lanes' workers step
+                    receive(lane, t)
+                    if t + 1 < num_steps:
+                        act_and_send(lane, t + 1)
+        finally:
+            torch.set_num_threads(threads)
 
         def steps_last(arrays: list[np.ndarray]) -> torch.Tensor:
             """Lanes' ``[T, N_lane]`` numpy arrays -> ``[K, E, T]`` tensor."""
@@ -301,8 +326,18 @@ class RolloutCollector:
 
         terminated = steps_last([lane.terminated for lane in lanes])
         truncated = steps_last([lane.truncated for lane in lanes])
-        # Bootstrap the step after the last one where the episode is still running.
-        last_value = torch.cat([act(lane, lane.obs, lane.state, lane.reset, num_steps - 1)[3] for lane in lanes])
+        resets = steps_last([lane.resets for lane in lanes])
+        # Every rollout starts from the zero state; training recomputes from it.
+        initial_state = policy.initial_state(K * E, device=device).to(dtype)
+        initial_state = initial_state.reshape(K, E, *initial_state.shape[1:])
+        if final_observations is not None:
+            last_obs, last_reset = torch.cat([lane.obs for lane in lanes]), torch.cat([lane.reset for lane in lanes])
+            values, truncation_values, last_value = rollout_values(
+                policy, stacked_params, observations, resets, truncated, final_observations, last_obs, last_reset, initial_state
+            )
+        else:
+            # Bootstrap the step after the last one where the episode is still running.
+            last_value = torch.cat([act(lane, lane.obs, lane.state, lane.reset, num_steps - 1)[3] for lane in lanes])
         # Inside an episode the next value is the next step's value; at a time-limit cut the final
         # observation's value; after a termination zero (truncation_values is zero there).
         following = torch.cat([values[:, :, 1:], last_value.unsqueeze(-1)], dim=-1)
@@ -311,8 +346,6 @@ class RolloutCollector:
         noise_term = 0.0 if deterministic else -0.5 * action_noise[:, :, :num_steps].square().sum(-1)
         log_probs = noise_term - log_std_sums - A * LOG_SQRT_2PI
 
-        # Every rollout starts from the zero state; training recomputes from it.
-        initial_state = policy.initial_state(K * E, device=device).to(dtype)
         per_env_return, per_env_success = (np.concatenate(parts) for parts in zip(*(lane.per_env_means() for lane in lanes)))
         return Rollout(
             observations=observations,
@@ -323,8 +356,8 @@ class RolloutCollector:
             rewards=steps_last([lane.rewards for lane in lanes]).to(dtype),
             terminated=terminated,
             truncated=truncated,
-            resets=steps_last([lane.resets for lane in lanes]),
-            initial_state=initial_state.reshape(K, E, *initial_state.shape[1:]),
+            resets=resets,
+            initial_state=initial_state,
             episode_return=torch.as_tensor(per_env_return.reshape(K, E).mean(1), dtype=dtype, device=device),
             episode_success=torch.as_tensor(per_env_success.reshape(K, E).mean(1), dtype=dtype, device=device),
         )

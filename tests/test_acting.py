@@ -49,6 +49,22 @@ def test_native_step_equals_forward_over_a_rollout_with_resets(kind, per_agent):
             native_state, generic_state = a.state, b.state
 
 
+@pytest.mark.parametrize("kind", sorted(POLICIES))
+def test_acting_without_values_skips_the_critic_and_acts_the_same(kind):
+    torch.manual_seed(0)
+    policy = perturbed(POLICIES[kind]())
+    params = {n: p.detach() + 0.1 * torch.randn(K, *p.shape) for n, p in policy.named_parameters()}
+    full, actor_only = policy.acting_step(params, K, E), policy.acting_step(params, K, E, with_values=False)
+    full_state, actor_state = full.initial_state(), actor_only.initial_state()
+    with torch.no_grad():
+        for t in range(6):
+            obs, reset = torch.randn(K, E, D), torch.rand(K, E) < 0.3
+            a, b = full(obs, full_state, reset), actor_only(obs, actor_state, reset)
+            assert b.value is None and a.value.shape == (K, E)
+            torch.testing.assert_close(a.mean, b.mean, rtol=0, atol=1e-6)
+            full_state, actor_state = a.state, b.state
+
+
 def test_reset_zeroes_only_the_flagged_envs_state():
     torch.manual_seed(0)
     policy = perturbed(SSMActorCritic(D, A, hidden_dim=16, state_dim=8))

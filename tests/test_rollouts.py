@@ -15,14 +15,29 @@ POLICIES = {"mlp": MLPActorCritic, "ssm": SSMActorCritic, "gru": GRUActorCritic}
 K, E, HORIZON, STEPS = 3, 4, 20, 50  # 2.5 episodes: two truncations and a cut at the end
 
 
-def collect(kind: str, per_agent: bool):
+def collect(kind: str, per_agent: bool, values_after_rollout: bool = True):
     torch.manual_seed(0)
     policy = POLICIES[kind](2, 2)
     env = Navigation2DVectorEnv(K, E, HORIZON)
     env.set_tasks(env.sample_tasks(K, np.random.default_rng(0)))
     params = {k: v.detach() for k, v in stack_for_agents(dict(policy.named_parameters()), K).items()}
     noise = torch.randn(K, E, STEPS, 2, generator=torch.Generator().manual_seed(1))
-    return policy, params, RolloutCollector(env).collect(policy, params if per_agent else None, STEPS, noise)
+    collector = RolloutCollector(env, values_after_rollout=values_after_rollout)
+    return policy, params, collector.collect(policy, params if per_agent else None, STEPS, noise)
+
+
+@pytest.mark.parametrize("per_agent", [True, False], ids=["per-agent", "theta"])
+@pytest.mark.parametrize("kind", sorted(POLICIES))
+def test_values_after_the_rollout_equal_the_critic_run_while_acting(kind, per_agent):
+    # Two truncations per env inside the rollout and a cut at its end: the inserted final
+    # observations must give the same bootstrap values as the recurrent critic stepped in place.
+    _, _, after = collect(kind, per_agent, values_after_rollout=True)
+    _, _, during = collect(kind, per_agent, values_after_rollout=False)
+    assert after.truncated.sum() == 2 * K * E
+    for field in ("values", "next_values", "actions", "log_probs"):
+        torch.testing.assert_close(getattr(after, field), getattr(during, field), rtol=0, atol=2e-5, msg=field)
+    truncated_next = after.next_values[after.truncated]
+    assert (truncated_next != 0).all()
 
 
 @pytest.mark.parametrize("kind", sorted(POLICIES))

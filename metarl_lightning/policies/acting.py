@@ -34,13 +34,13 @@ class ActingOutput(NamedTuple):
     Attributes:
         mean: Gaussian action mean, ``[K, E, A]``.
         log_std: log standard deviation, broadcastable to ``[K, E, A]``.
-        value: state-value estimate, ``[K, E]``.
+        value: state-value estimate, ``[K, E]``; ``None`` from a step built ``with_values=False``.
         state: the step's recurrent state after this step, in the step's own layout.
     """
 
     mean: torch.Tensor
     log_std: torch.Tensor
-    value: torch.Tensor
+    value: torch.Tensor | None
     state: Any
 
 
@@ -61,6 +61,8 @@ class ActingStep(Protocol):
 
 class GenericActingStep:
     """Any policy through its ``forward`` with ``T == 1``: vmap over agents, or one plain call.
+
+    It always computes values (``forward`` does); callers that do not need them ignore them.
 
     Args:
         policy: the architecture; its own parameters act when ``stacked_params`` is None.

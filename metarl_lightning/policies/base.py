@@ -69,7 +69,11 @@ class ActorCritic(nn.Module, abc.ABC):
         return {"default": [name for name, _ in self.named_parameters()]}
 
     def acting_step(
-        self, stacked_params: dict[str, torch.Tensor] | None, num_agents: int, envs_per_agent: int
+        self,
+        stacked_params: dict[str, torch.Tensor] | None,
+        num_agents: int,
+        envs_per_agent: int,
+        with_values: bool = True,
     ) -> ActingStep:
         """The rollout path for one rollout's parameters (see :mod:`metarl_lightning.policies.acting`).
 
@@ -81,6 +85,8 @@ class ActorCritic(nn.Module, abc.ABC):
                 module's own parameters (every agent acts with theta).
             num_agents: ``K``.
             envs_per_agent: ``E``.
+            with_values: compute the critic; without it a native step skips the critic's layers
+                and returns ``value=None`` (the collector then computes values after the rollout).
         """
         from metarl_lightning.policies.acting import GenericActingStep  # acting imports this module
 

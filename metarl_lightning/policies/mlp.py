@@ -66,10 +66,14 @@ class MLPActorCritic(ActorCritic):
 
     @torch.no_grad()
     def acting_step(
-        self, stacked_params: dict[str, torch.Tensor] | None, num_agents: int, envs_per_agent: int
+        self,
+        stacked_params: dict[str, torch.Tensor] | None,
+        num_agents: int,
+        envs_per_agent: int,
+        with_values: bool = True,
     ) -> MLPActingStep:
         """Native rollout step (see :meth:`ActorCritic.acting_step`)."""
-        return MLPActingStep(self, stacked_params, num_agents, envs_per_agent)
+        return MLPActingStep(self, stacked_params, num_agents, envs_per_agent, with_values)
 
 
 class MLPActingStep:
@@ -80,9 +84,8 @@ class MLPActingStep:
         stacked_params: name -> ``[K, *shape]``, or ``None``.
         num_agents: ``K``.
         envs_per_agent: ``E``.
+        with_values: also run the critic (else ``value`` is ``None``).
     """
-
-    _NETS = ("actor.", "critic.")
 
     def __init__(
         self,
@@ -90,16 +93,18 @@ class MLPActingStep:
         stacked_params: dict[str, torch.Tensor] | None,
         num_agents: int,
         envs_per_agent: int,
+        with_values: bool = True,
     ) -> None:
         per_agent = stacked_params is not None
+        self.nets = ("actor.", "critic.") if with_values else ("actor.",)
         sets = ParameterSets(stacked_params if per_agent else dict(policy.named_parameters()), per_agent)
         self.num_agents, self.envs_per_agent = num_agents, envs_per_agent
         self.num_sets = num_agents if per_agent else 1  # K'
         # Sequential indices: Linear at 0, 2, ..., head at 2 * num_layers (Tanh in between).
         self.hidden = [
-            prepare_linear(sets.stack(self._NETS, f"{2 * i}.weight"), sets.stack(self._NETS, f"{2 * i}.bias"))
+            prepare_linear(sets.stack(self.nets, f"{2 * i}.weight"), sets.stack(self.nets, f"{2 * i}.bias"))
             for i in range(policy.num_layers)
-        ]  # each ([2K', 1, H], [2K', in, H])
+        ]  # each ([G K', 1, H], [G K', in, H]), G = 2 (actor, critic) or 1 (actor)
         head = 2 * policy.num_layers
         self.action_head = prepare_linear(sets.get(f"actor.{head}.weight"), sets.get(f"actor.{head}.bias"))
         self.value_head = prepare_linear(sets.get(f"critic.{head}.weight"), sets.get(f"critic.{head}.bias"))
@@ -116,12 +121,11 @@ class MLPActingStep:
         K, E, D = obs.shape
         x = obs.reshape(self.num_sets, -1, D)  # (K', M, D)
         if self.hidden:
-            x = torch.cat([x, x])  # (2K', M, D): actor sets, then critic sets (cat: 10x cheaper than repeat)
+            if len(self.nets) == 2:
+                x = torch.cat([x, x])  # (2K', M, D): actor sets, then critic sets (cat: 10x cheaper than repeat)
             for layer in self.hidden:
-                x = torch.tanh(apply_linear(x, layer))  # (2K', M, H)
-            actor_x, critic_x = x.chunk(2)
-        else:
-            actor_x = critic_x = x
-        mean = bounded_action_mean(apply_linear(actor_x, self.action_head))  # (K', M, A)
-        value = apply_linear(critic_x, self.value_head)  # (K', M, 1)
-        return ActingOutput(mean.reshape(K, E, -1), self.log_std, value.reshape(K, E), state)
+                x = torch.tanh(apply_linear(x, layer))  # (G K', M, H)
+        features = x.chunk(len(self.nets)) if self.hidden else (x, x)
+        mean = bounded_action_mean(apply_linear(features[0], self.action_head))  # (K', M, A)
+        value = None if len(self.nets) == 1 else apply_linear(features[-1], self.value_head).reshape(K, E)
+        return ActingOutput(mean.reshape(K, E, -1), self.log_std, value, state)

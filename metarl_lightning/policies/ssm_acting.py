@@ -85,6 +85,7 @@ class SSMActingStep:
         stacked_params: name -> ``[K, *shape]``, or ``None``.
         num_agents: ``K``.
         envs_per_agent: ``E``.
+        with_values: also run the critic (its trunk and the value head); else ``value`` is ``None``.
     """
 
     def __init__(
@@ -93,12 +94,15 @@ class SSMActingStep:
         stacked_params: dict[str, torch.Tensor] | None,
         num_agents: int,
         envs_per_agent: int,
+        with_values: bool = True,
     ) -> None:
         per_agent = stacked_params is not None
         sets = ParameterSets(stacked_params if per_agent else dict(policy.named_parameters()), per_agent)
         self.num_agents, self.envs_per_agent = num_agents, envs_per_agent
         self.num_sets = num_agents if per_agent else 1  # K'
-        self.trunks = ("actor_trunk.",) if policy.critic_trunk is None else ("actor_trunk.", "critic_trunk.")
+        self.with_values = with_values
+        separate_critic = policy.critic_trunk is not None and with_values
+        self.trunks = ("actor_trunk.", "critic_trunk.") if separate_critic else ("actor_trunk.",)
         self.encoder = prepare_linear(sets.stack(self.trunks, "encoder.weight"), sets.stack(self.trunks, "encoder.bias"))
         self.blocks = [_FoldedBlock(sets, self.trunks, f"blocks.{i}.") for i in range(policy.num_layers)]
         # The output LayerNorm's affine goes into the heads: actor sets first, critic sets last.
@@ -109,7 +113,7 @@ class SSMActingStep:
         )
         self.value_head = prepare_linear(
             *fold_affine_into_linear(out_scale[-1], out_shift[-1], sets.get("value_head.weight"), sets.get("value_head.bias"))
-        )
+        ) if with_values else None
         log_std = sets.get("log_std")  # (K', A)
         self.log_std = log_std.unsqueeze(1)  # (K', 1, A)
         self.dtype, self.device = log_std.dtype, log_std.device
@@ -137,6 +141,6 @@ class SSMActingStep:
             new_state.append(h)
         features = F.layer_norm(x, x.shape[-1:]).chunk(len(self.trunks))  # (K', M, H) per trunk
         mean = bounded_action_mean(apply_linear(features[0], self.action_head))  # (K', M, A)
-        value = apply_linear(features[-1], self.value_head)  # (K', M, 1)
+        value = apply_linear(features[-1], self.value_head).reshape(K, E) if self.with_values else None
         next_state = torch.stack(new_state) if new_state else state
-        return ActingOutput(mean.reshape(K, E, -1), self.log_std, value.reshape(K, E), next_state)
+        return ActingOutput(mean.reshape(K, E, -1), self.log_std, value, next_state)

@@ -146,10 +146,14 @@ class SSMActorCritic(ActorCritic):
 
     @torch.no_grad()
     def acting_step(
-        self, stacked_params: dict[str, torch.Tensor] | None, num_agents: int, envs_per_agent: int
+        self,
+        stacked_params: dict[str, torch.Tensor] | None,
+        num_agents: int,
+        envs_per_agent: int,
+        with_values: bool = True,
     ) -> SSMActingStep:
         """Native rollout step with per-rollout parameter folding (see :mod:`.ssm_acting`)."""
-        return SSMActingStep(self, stacked_params, num_agents, envs_per_agent)
+        return SSMActingStep(self, stacked_params, num_agents, envs_per_agent, with_values)
 
     def initial_state(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
         """Zero state ``(batch_size, trunks * num_layers, N, 2)``."""
