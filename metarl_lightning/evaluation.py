@@ -34,7 +34,7 @@ from metarl_lightning.algorithms.maml import stack_for_agents
 from metarl_lightning.algorithms.ppo import gaussian_log_prob
 from metarl_lightning.envs.benchmarks import Benchmark, Split, make_benchmark
 from metarl_lightning.envs.fast import env_class
-from metarl_lightning.policies.functional import batched_policy_forward
+from metarl_lightning.policies.acting import ActingStep
 from metarl_lightning.rollouts import Rollout
 
 
@@ -140,20 +140,22 @@ class MetaWorldAgent:
     def _forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One step for all envs with their own parameters; advances the recurrent state."""
         K = self.num_envs
-        out = batched_policy_forward(
-            self.policy, self.params, obs.reshape(K, 1, 1, -1), self.state, self.pending_reset.reshape(K, 1, 1)
-        )
+        if self._acting is None:
+            # The policy's acting step for the current parameters (one env per agent), as in the
+            # collector; rebuilt whenever the parameters change (init, adapt).
+            self._acting = self.policy.acting_step(self.params, K, 1)
+            self.state = self._acting.initial_state()
+        out = self._acting(obs.reshape(K, 1, -1), self.state, self.pending_reset.reshape(K, 1))
         self.state = out.state
         self.pending_reset = torch.zeros(K, dtype=torch.bool, device=self.device)
-        mean = out.mean[:, 0, 0]
-        return mean, out.log_std.expand_as(out.mean)[:, 0, 0], out.value[:, 0, 0]
+        return out.mean[:, 0], out.log_std.expand_as(out.mean)[:, 0], out.value[:, 0]
 
     # -------------------------------------------------------------------------------- protocol
     def init(self) -> None:
         """Every env's parameters back to theta; clear the adaptation buffer and the state."""
         theta = {k: v.detach() for k, v in self.policy.named_parameters()}
         self.params = stack_for_agents(theta, self.num_envs)
-        self.state = self._initial_state()
+        self._acting: ActingStep | None = None  # built from self.params at the first step
         self.pending_reset = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
         self.buffer: dict[str, list[torch.Tensor]] = {}
 
@@ -235,8 +237,9 @@ class MetaWorldAgent:
             leaf = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items()}
             adapted = self.module._adapt(leaf, rollout, first_order=True)
         self.params = {k: v.detach() for k, v in adapted.items()}
+        self._acting = None
         self.buffer = {}
-        self.pending_reset = torch.ones(self.num_envs, dtype=torch.bool)
+        self.pending_reset = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
 
 
 def _summary(success_rate: float, mean_return: float, per_task: dict[str, float]) -> dict[str, Any]:
