@@ -79,13 +79,14 @@ def bench_scan(batch: int, length: int, width: int, repeats: int) -> dict[str, f
 
 
 def bench_rollout_step(
-    agents: int, envs: int, obs_dim: int, act_dim: int, steps: int, repeats: int
+    agents: int, envs: int, obs_dim: int, act_dim: int, steps: int, repeats: int, with_values: bool = False
 ) -> dict[str, float]:
     """Microseconds per agent-step of the collector's acting step (per-agent parameters, no grad).
 
     ``<policy>`` is the policy's own ``acting_step`` (native for MLP and SSM: parameters folded once
     per rollout, agents batched by matmul); ``<policy> vmap`` is the generic path (``forward`` with
-    ``T == 1`` under vmap over agents), which the GRU uses.
+    ``T == 1`` under vmap over agents), which the GRU uses. ``with_values=False`` is what the
+    collector runs (values come after the rollout): the actor only.
     """
     torch.manual_seed(0)
     policies = {
@@ -104,7 +105,10 @@ def bench_rollout_step(
         @torch.no_grad()
         def run() -> None:
             # Preparing the step is part of the cost: it runs once per rollout.
-            acting = GenericActingStep(policy, params, agents, envs) if generic else policy.acting_step(params, agents, envs)
+            if generic:
+                acting = GenericActingStep(policy, params, agents, envs)
+            else:
+                acting = policy.acting_step(params, agents, envs, with_values=with_values)
             state = acting.initial_state()
             for _ in range(steps):
                 state = acting(obs, state, resets).state
@@ -154,15 +158,17 @@ def main() -> None:
           f"{small['sequential loop'] / small['parallel scan']:.1f}x, step loop {small['step loop'] / small['parallel scan']:.1f}x")
     results["scan"], results["scan_b10"] = scan, small
 
-    agents, envs = 10, 10
-    print(f"\n2. Rollout acting step (K={agents} agents x E={envs} envs, per-agent parameters, 1 thread), us per agent-step")
+    agents = 10
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the collector: the env workers own the other cores
-    step = bench_rollout_step(agents, envs, 39, 4, steps=50 if args.quick else 200, repeats=repeats)
+    for envs, with_values in ((10, False), (2, False), (10, True)):
+        what = "actor and critic" if with_values else "actor only, as the collector acts"
+        print(f"\n2. Rollout acting step, {what} (K={agents} agents x E={envs} envs, per-agent parameters, 1 thread), us per agent-step")
+        step = bench_rollout_step(agents, envs, 39, 4, steps=50 if args.quick else 200, repeats=repeats, with_values=with_values)
+        for name, us in step.items():
+            print(f"   {name:10s} {us:7.2f} us   {us / step['mlp']:4.2f}x the MLP")
+        results[f"rollout_step_us_e{envs}{'_values' if with_values else ''}"] = step
     torch.set_num_threads(threads)
-    for name, us in step.items():
-        print(f"   {name:10s} {us:7.2f} us   {us / step['mlp']:4.2f}x the MLP")
-    results["rollout_step_us"] = step
     sizes = {
         "mlp": param_count(MLPActorCritic(39, 4)),
         "ssm": param_count(SSMActorCritic(39, 4)),

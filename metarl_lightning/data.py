@@ -57,6 +57,17 @@ class _MetaBatchStream(IterableDataset):
             yield self.datamodule.meta_batch(self.split, epoch * self.batches + index)
 
 
+DEFAULT_MAX_ENVS = 100  # Meta-World envs per env set when envs_per_task is left to the default
+
+
+def default_envs_per_task(benchmark: str, meta_batch_size: int, rollouts_per_task: int) -> int:
+    """All rollouts in parallel for nav2d; for Meta-World as many as fit ``DEFAULT_MAX_ENVS``."""
+    if benchmark == NAV2D:
+        return rollouts_per_task
+    divisors = [d for d in range(1, rollouts_per_task + 1) if rollouts_per_task % d == 0]
+    return max(d for d in divisors if d == 1 or meta_batch_size * d <= DEFAULT_MAX_ENVS)
+
+
 class MetaTaskDataModule(L.LightningDataModule):
     """Meta-RL tasks: a benchmark, its train/test split, and the environments to run them in.
 
@@ -69,10 +80,12 @@ class MetaTaskDataModule(L.LightningDataModule):
         rollouts_per_task: trajectories per task for support and for query rollouts
             (``--inner-batch-size`` of the original runner).
         envs_per_task: parallel environments per task; must divide ``rollouts_per_task`` (each env
-            then runs ``rollouts_per_task / envs_per_task`` consecutive episodes). ``null``: one
-            env per trajectory (all rollouts in parallel; a Meta-World env takes ~5 MB). More envs
-            per step amortise the learner's per-step cost: on MT10 the S5 collector reached 0.86 of
-            random stepping with 10 envs per task vs 0.65-0.70 with 2 (README, benchmarks).
+            then runs ``rollouts_per_task / envs_per_task`` consecutive episodes). More envs per
+            step amortise the learner's per-step cost (on MT10 the S5 collector reached 0.86 of
+            random stepping with 10 envs per task vs 0.65-0.70 with 2; README, benchmarks), but a
+            Meta-World env holds ~26 MB. ``null``: all rollouts in parallel for nav2d; for
+            Meta-World the largest divisor of ``rollouts_per_task`` that keeps
+            ``meta_batch_size * envs_per_task <= 100`` (~2.6 GB per env set).
         max_episode_steps: horizon; ``null`` uses the benchmark's (nav2d 100, Meta-World 500).
         meta_batches_per_epoch: meta-iterations per epoch.
         num_eval_tasks: test tasks per evaluation (over all ranks); ``null``: ``meta_batch_size``.
@@ -132,7 +145,7 @@ class MetaTaskDataModule(L.LightningDataModule):
         require(meta_batch_size >= 1, "data.meta_batch_size", f"must be >= 1, got {meta_batch_size}")
         require(rollouts_per_task >= 1, "data.rollouts_per_task", f"must be >= 1, got {rollouts_per_task}")
         if envs_per_task is None:
-            envs_per_task = rollouts_per_task
+            envs_per_task = default_envs_per_task(benchmark, meta_batch_size, rollouts_per_task)
         require(
             envs_per_task >= 1 and rollouts_per_task % envs_per_task == 0,
             "data.envs_per_task",

@@ -21,7 +21,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
 
 from metarl_lightning.algorithms.maml import inner_update, stack_for_agents
 from metarl_lightning.algorithms.ppo import PPOLoss

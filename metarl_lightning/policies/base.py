@@ -34,6 +34,20 @@ def bounded_action_mean(raw: torch.Tensor) -> torch.Tensor:
     return torch.tanh(raw)
 
 
+def add_gaussian_heads(policy: nn.Module, feature_dim: int, action_dim: int, init_log_std: float) -> None:
+    """Give a recurrent policy ``action_head``, ``value_head`` and a state-independent ``log_std``.
+
+    The action head starts with small weights and zero bias (as cleanrl's PPO), so early exploration
+    is set by ``log_std`` rather than by a random initial mean.
+    """
+    policy.action_head = nn.Linear(feature_dim, action_dim)
+    policy.value_head = nn.Linear(feature_dim, 1)
+    policy.log_std = nn.Parameter(torch.full((action_dim,), float(init_log_std)))
+    with torch.no_grad():
+        policy.action_head.weight.mul_(0.01)
+        policy.action_head.bias.zero_()
+
+
 class PolicyOutput(NamedTuple):
     """What a policy returns for a sequence.
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarl_lightning.policies.base import ActorCritic, PolicyOutput, bounded_action_mean
+from metarl_lightning.policies.base import ActorCritic, PolicyOutput, add_gaussian_heads, bounded_action_mean
 
 
 class GRUActorCritic(ActorCritic):
@@ -46,12 +46,7 @@ class GRUActorCritic(ActorCritic):
         self.weight_hh = nn.Parameter(torch.empty(3 * hidden_dim, hidden_dim).uniform_(-bound, bound))
         self.bias_ih = nn.Parameter(torch.empty(3 * hidden_dim).uniform_(-bound, bound))
         self.bias_hh = nn.Parameter(torch.empty(3 * hidden_dim).uniform_(-bound, bound))
-        self.action_head = nn.Linear(hidden_dim, action_dim)
-        self.value_head = nn.Linear(hidden_dim, 1)
-        self.log_std = nn.Parameter(torch.full((action_dim,), float(init_log_std)))
-        with torch.no_grad():
-            self.action_head.weight.mul_(0.01)
-            self.action_head.bias.zero_()
+        add_gaussian_heads(self, hidden_dim, action_dim, init_log_std)
 
     def initial_state(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
         """Zero state ``(batch_size, hidden_dim)``."""

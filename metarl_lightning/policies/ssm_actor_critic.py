@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarl_lightning.policies.base import ActorCritic, PolicyOutput, bounded_action_mean
+from metarl_lightning.policies.base import ActorCritic, PolicyOutput, add_gaussian_heads, bounded_action_mean
 from metarl_lightning.policies.ssm import S5
 from metarl_lightning.policies.ssm_acting import SSMActingStep
 
@@ -128,13 +128,7 @@ class SSMActorCritic(ActorCritic):
         self.num_modes = state_dim // 2
         self.actor_trunk = S5Trunk(observation_dim, hidden_dim, state_dim, num_layers)
         self.critic_trunk = None if shared_trunk else S5Trunk(observation_dim, hidden_dim, state_dim, num_layers)
-        self.action_head = nn.Linear(hidden_dim, action_dim)
-        self.value_head = nn.Linear(hidden_dim, 1)
-        self.log_std = nn.Parameter(torch.full((action_dim,), float(init_log_std)))
-        # Small initial action means (as in cleanrl's PPO) so early exploration is set by log_std.
-        with torch.no_grad():
-            self.action_head.weight.mul_(0.01)
-            self.action_head.bias.zero_()
+        add_gaussian_heads(self, hidden_dim, action_dim, init_log_std)
 
     def parameter_groups(self) -> dict[str, list[str]]:
         """``"ssm"``: Lambda, log step and B of every block (S5 practice); ``"default"``: the rest."""

@@ -1,0 +1,25 @@
+"""Data-module defaults that are pure functions of the config."""
+
+import pytest
+
+from metarl_lightning.data import DEFAULT_MAX_ENVS, NAV2D, default_envs_per_task
+
+
+@pytest.mark.parametrize(
+    ("benchmark", "meta_batch", "rollouts", "expected"),
+    [
+        (NAV2D, 20, 10, 10),  # numpy envs cost nothing: all rollouts in parallel
+        ("MT10", 10, 10, 10),  # 100 envs
+        ("ML10", 20, 10, 5),  # 100 envs, 2 episodes each
+        ("ML45", 45, 10, 2),  # 90 envs; 5 per task would be 225
+        ("MT50", 50, 10, 2),
+        ("ML1", 200, 10, 1),  # never fewer than one env per task
+        ("ML1", 20, 7, 1),  # 7 is prime and 20 x 7 > 100
+    ],
+)
+def test_default_envs_per_task_divides_and_bounds_the_env_count(benchmark, meta_batch, rollouts, expected):
+    envs = default_envs_per_task(benchmark, meta_batch, rollouts)
+    assert envs == expected
+    assert rollouts % envs == 0
+    if benchmark != NAV2D and envs > 1:
+        assert meta_batch * envs <= DEFAULT_MAX_ENVS
