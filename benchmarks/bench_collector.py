@@ -8,10 +8,11 @@ Prints, each a ratio measured in one run:
     and the median ratio is reported with the learner's CPU time per step (the cost that does not
     overlap env stepping unless pipelined);
   * the collector on fast vs stock envs (issue 7's end-to-end gain);
-  * end-to-end env steps/s of full meta-training iterations (support + adapt + query + PPO update)
-    vs random stepping, and the share of an iteration spent collecting.
+  * end-to-end env steps/s of full meta-training iterations (support + adapt + query + PPO update,
+    pipelined collection as in the configs) vs random stepping, and the share of an iteration spent
+    collecting.
 
-Usage: python benchmarks/bench_collector.py [--quick] [--envs-per-agent E]
+Usage: python benchmarks/bench_collector.py [--quick] [--benchmark MT10] [--agents 10] [--envs-per-agent E] [--table-only]
 """
 
 from __future__ import annotations
@@ -33,9 +34,6 @@ from metarl_lightning.envs.workers import MetaWorldVectorEnv
 from metarl_lightning.module import MetaRLModule
 from metarl_lightning.policies import MLPActorCritic, SSMActorCritic
 from metarl_lightning.rollouts import RolloutCollector
-
-AGENTS = 10
-
 
 def timed(run: Callable[[], None], steps: int) -> tuple[float, float]:
     """``(env steps/s, learner CPU seconds)`` of one call of ``run`` taking ``steps`` env steps."""
@@ -61,9 +59,10 @@ def policy_rollout(env: MetaWorldVectorEnv, policy: torch.nn.Module, steps: int,
 
 
 def collector_table(env: MetaWorldVectorEnv, steps: int, repeats: int) -> list[tuple[str, float, float, float]]:
-    """Rows ``(label, random steps/s, collector steps/s, learner CPU us per step)``, medians of ``repeats``."""
+    """Rows ``(label, random steps/s, collector/random ratio, learner CPU us per step)``, medians of ``repeats``."""
     rng = np.random.default_rng(0)
-    policies = {"mlp": MLPActorCritic(39, 4), "ssm": SSMActorCritic(39, 4)}
+    obs_dim = env.observation_dim
+    policies = {"mlp": MLPActorCritic(obs_dim, 4), "ssm": SSMActorCritic(obs_dim, 4)}
     candidates: dict[str, Callable[[], None]] = {}
     for name, policy in policies.items():
         for per_agent in (True, False):
@@ -85,10 +84,10 @@ def collector_table(env: MetaWorldVectorEnv, steps: int, repeats: int) -> list[t
     return rows
 
 
-def end_to_end(policy_name: str, steps: int, envs_per_agent: int, iterations: int) -> tuple[float, float]:
+def end_to_end(benchmark: str, agents: int, policy_name: str, steps: int, envs_per_agent: int, iterations: int) -> tuple[float, float]:
     data = MetaTaskDataModule(
-        "MT10", meta_batch_size=AGENTS, rollouts_per_task=envs_per_agent, envs_per_task=envs_per_agent,
-        max_episode_steps=steps, num_env_workers=2,
+        benchmark, meta_batch_size=agents, rollouts_per_task=envs_per_agent, envs_per_task=envs_per_agent,
+        max_episode_steps=steps, num_env_workers=2, pipeline_rollouts=True,  # as the configs
     )
     policy = MLPActorCritic(39, 4) if policy_name == "mlp" else SSMActorCritic(39, 4)
     meter = measure_fit(MetaRLModule(policy, ppo_epochs=4), data, iterations, accelerator="cpu")
@@ -98,33 +97,39 @@ def end_to_end(policy_name: str, steps: int, envs_per_agent: int, iterations: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (noisier)")
-    parser.add_argument("--envs-per-agent", type=int, default=2, help="envs per agent E (10 agents)")
+    parser.add_argument("--benchmark", default="MT10", help="an MT benchmark (train classes = all classes)")
+    parser.add_argument("--agents", type=int, default=10, help="agents K (a multiple of the class count)")
+    parser.add_argument("--envs-per-agent", type=int, default=2, help="envs per agent E")
+    parser.add_argument("--table-only", action="store_true", help="only the collector vs random table")
     args = parser.parse_args()
     steps, repeats = (100, 1) if args.quick else (400, 3)
-    E = args.envs_per_agent
-    bench = make_benchmark("MT10")
-    env = MetaWorldVectorEnv(bench, "train", num_agents=AGENTS, envs_per_agent=E, num_workers=2, max_episode_steps=steps + 1)
-    env.set_tasks(bench.sample_tasks("train", AGENTS, np.random.default_rng(0)))
+    K, E = args.agents, args.envs_per_agent
+    bench = make_benchmark(args.benchmark)
+    env = MetaWorldVectorEnv(bench, "train", num_agents=K, envs_per_agent=E, num_workers=2, max_episode_steps=steps + 1)
+    env.set_tasks(bench.sample_tasks("train", K, np.random.default_rng(0)))
     rows = collector_table(env, steps, repeats)
     env.close()
-    print(f"MT10, {AGENTS} agents x {E} envs, 2 workers, {steps} steps, median of {repeats}")
+    print(f"{args.benchmark}, {K} agents x {E} envs, 2 workers, {steps} steps, median of {repeats}")
     print(f"{'policy / params / stepping':30} {'random steps/s':>15} {'ratio':>6} {'learner CPU/step':>17}")
     for label, random_rate, ratio, cpu_us in rows:
         print(f"{label:30} {random_rate:15.0f} {ratio:6.2f} {cpu_us:14.0f} us")
+    if args.table_only:
+        return
 
     # Issue 7's end-to-end gain: the same collector (MLP, per-agent params) on stock vs fast envs.
     rates: dict[bool, list[float]] = {}
     for fast in (False, True, False, True):
-        fast_env = MetaWorldVectorEnv(bench, "train", AGENTS, E, num_workers=2, max_episode_steps=steps + 1, fast=fast)
-        fast_env.set_tasks(bench.sample_tasks("train", AGENTS, np.random.default_rng(0)))
-        rates.setdefault(fast, []).append(timed(policy_rollout(fast_env, MLPActorCritic(39, 4), steps, True, False), steps * fast_env.num_envs)[0])
+        fast_env = MetaWorldVectorEnv(bench, "train", K, E, num_workers=2, max_episode_steps=steps + 1, fast=fast)
+        fast_env.set_tasks(bench.sample_tasks("train", K, np.random.default_rng(0)))
+        policy = MLPActorCritic(fast_env.observation_dim, 4)
+        rates.setdefault(fast, []).append(timed(policy_rollout(fast_env, policy, steps, True, False), steps * fast_env.num_envs)[0])
         fast_env.close()
     stock, fast_rate = np.mean(rates[False]), np.mean(rates[True])
-    print(f"collector on MT10, stock envs {stock:.0f} steps/s, fast envs {fast_rate:.0f} steps/s: {fast_rate / stock:.2f}x")
+    print(f"collector on {args.benchmark}, stock envs {stock:.0f} steps/s, fast envs {fast_rate:.0f} steps/s: {fast_rate / stock:.2f}x")
     reference = float(np.median([r for _, r, _, _ in rows]))
     for name in ("mlp", "ssm"):
-        rate, share = end_to_end(name, steps, E, 3 if args.quick else 5)
-        print(f"end-to-end meta-iteration ({name}): {rate:.0f} env steps/s = {rate / reference:.2f} x random stepping; collection {share:.0%} of the iteration")
+        rate, share = end_to_end(args.benchmark, K, name, steps, E, 3 if args.quick else 5)
+        print(f"end-to-end meta-iteration ({name}, pipelined): {rate:.0f} env steps/s = {rate / reference:.2f} x random stepping; collection {share:.0%} of the iteration")
 
 
 if __name__ == "__main__":
