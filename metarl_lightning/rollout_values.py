@@ -66,19 +66,20 @@ def rollout_values(
         truncated, 0 elsewhere) and ``last_value [K, E]``.
     """
     K, E, T, D = observations.shape
+    device = observations.device
     counts = truncated.long()
     # Real step t moves right by the number of final observations inserted before it.
-    position = torch.arange(T, device=observations.device) + counts.cumsum(-1) - counts  # (K, E, T)
+    position = torch.arange(T, device=device) + counts.cumsum(-1) - counts  # (K, E, T)
     last_position = T + counts.sum(-1)  # (K, E): after the last real step and its insertion
     length = int(last_position.max()) + 1
     extended = observations.new_zeros(K, E, length, D)
-    extended_resets = torch.ones(K, E, length, dtype=torch.bool, device=observations.device)  # padding: isolated
+    extended_resets = torch.ones(K, E, length, dtype=torch.bool, device=device)  # padding: isolated
     extended.scatter_(2, position.unsqueeze(-1).expand(-1, -1, -1, D), observations)
     extended_resets.scatter_(2, position, resets)
     k, e, t = truncated.nonzero(as_tuple=True)
     extended[k, e, position[k, e, t] + 1] = final_observations[k, e, t]
     extended_resets[k, e, position[k, e, t] + 1] = False  # continues the cut episode's state
-    agent, env = torch.meshgrid(torch.arange(K), torch.arange(E), indexing="ij")
+    agent, env = torch.meshgrid(torch.arange(K, device=device), torch.arange(E, device=device), indexing="ij")
     extended[agent, env, last_position] = last_observation
     extended_resets[agent, env, last_position] = last_reset
 
