@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 
+from torch.func import functional_call, vmap
+
 from metarl_lightning.policies.base import ActorCritic
-from metarl_lightning.policies.functional import batched_policy_forward
 
 
 def sequence_values(
@@ -28,12 +29,27 @@ def sequence_values(
     initial_state: torch.Tensor,
     resets: torch.Tensor,
 ) -> torch.Tensor:
-    """Critic values ``[K, E, T]`` of ``[K, E, T, D]`` sequences, per-agent or shared parameters."""
-    if stacked_params is not None:
-        return batched_policy_forward(policy, stacked_params, observations, initial_state, resets).value
+    """Critic values ``[K, E, T]`` of ``[K, E, T, D]`` sequences (``ActorCritic.values``: the critic
+    alone), with per-agent parameters (vmap over agents) or shared ones."""
     K, E, T = resets.shape
-    flat = policy(observations.flatten(0, 1), initial_state.flatten(0, 1), resets.flatten(0, 1))
-    return flat.value.reshape(K, E, T)
+    if stacked_params is None:
+        return policy.values(observations.flatten(0, 1), initial_state.flatten(0, 1), resets.flatten(0, 1)).reshape(K, E, T)
+
+    def one_agent(params: dict[str, torch.Tensor], obs: torch.Tensor, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return functional_call(_ValuesOf(policy), {f"policy.{n}": p for n, p in params.items()}, (obs, h, r))
+
+    return vmap(one_agent)(stacked_params, observations, initial_state, resets)
+
+
+class _ValuesOf(torch.nn.Module):
+    """``policy.values`` as a module's ``forward``, so ``functional_call`` can swap its parameters."""
+
+    def __init__(self, policy: ActorCritic) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, observations: torch.Tensor, state: torch.Tensor, resets: torch.Tensor) -> torch.Tensor:
+        return self.policy.values(observations, state, resets)
 
 
 def rollout_values(

@@ -89,3 +89,12 @@ def test_policies_without_a_native_step_use_the_generic_one():
     assert isinstance(GRUActorCritic(D, A).acting_step(None, K, E), GenericActingStep)
     assert isinstance(MLPActorCritic(D, A).acting_step(None, K, E), MLPActingStep)
     assert isinstance(SSMActorCritic(D, A).acting_step(None, K, E), SSMActingStep)
+
+
+@pytest.mark.parametrize("kind", sorted(POLICIES) + ["gru"])
+def test_values_alone_equal_the_full_forward(kind):
+    torch.manual_seed(0)
+    policy = perturbed(GRUActorCritic(D, A) if kind == "gru" else POLICIES[kind]())
+    obs, resets = torch.randn(4, 9, D), torch.rand(4, 9) < 0.2
+    state = policy.initial_state(4)
+    torch.testing.assert_close(policy.values(obs, state, resets), policy(obs, state, resets).value, rtol=0, atol=1e-6)

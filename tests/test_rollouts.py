@@ -127,3 +127,25 @@ def test_pipelined_lanes_give_the_same_rollout_as_stepping_all_envs_at_once():
         assert sync.truncated.sum() == 2 * 4 * 2  # two time-limit cuts per env inside the rollout
         for field in ("observations", "actions", "log_probs", "values", "next_values", "rewards", "resets", "episode_return"):
             assert torch.equal(getattr(sync, field), getattr(piped, field)), (kind, field)
+
+
+@pytest.mark.parametrize("kind", ["ssm", "gru"])
+def test_trial_mode_carries_the_state_across_episodes(kind):
+    torch.manual_seed(0)
+    policy = POLICIES[kind](2, 2)
+    env = Navigation2DVectorEnv(K, E, HORIZON)
+    env.set_tasks(env.sample_tasks(K, np.random.default_rng(0)))
+    # Off the initial values (tiny action head, slow modes), so that memory visibly changes actions.
+    params = {k: v.detach() + 0.3 * torch.randn(K, *v.shape[1:]) for k, v in stack_for_agents(dict(policy.named_parameters()), K).items()}
+    noise = torch.randn(K, E, STEPS, 2, generator=torch.Generator().manual_seed(1))
+    rollouts = {mode: RolloutCollector(env, reset_state_on=mode).collect(policy, params, STEPS, noise) for mode in ("trial", "episode")}
+    trial, episode = rollouts["trial"], rollouts["episode"]
+    assert trial.resets[:, :, 0].all() and not trial.resets[:, :, 1:].any()
+    assert episode.resets[:, :, HORIZON].all()
+    # Training recomputes exactly what was acted on, with the state carried over episode starts ...
+    out = batched_policy_forward(policy, params, trial.observations, trial.initial_state, trial.resets)
+    assert torch.allclose(gaussian_log_prob(out.mean, out.log_std, trial.actions), trial.log_probs, atol=1e-4)
+    assert torch.allclose(out.value, trial.values, atol=1e-5)
+    # ... which makes the second episode act differently from an episode-reset rollout.
+    assert torch.allclose(trial.actions[:, :, :HORIZON], episode.actions[:, :, :HORIZON], atol=1e-5)
+    assert not torch.allclose(trial.actions[:, :, HORIZON:], episode.actions[:, :, HORIZON:], atol=1e-3)

@@ -106,6 +106,14 @@ class ActorCritic(nn.Module, abc.ABC):
 
         return GenericActingStep(self, stacked_params, num_agents, envs_per_agent)
 
+    def values(self, observations: torch.Tensor, state: torch.Tensor, resets: torch.Tensor) -> torch.Tensor:
+        """State values ``[B, T]`` of a sequence (arguments as :meth:`forward`).
+
+        The default runs ``forward``; policies with a separate critic override it to skip the
+        actor (the collector computes a rollout's values this way after acting).
+        """
+        return self(observations, state, resets).value
+
     @abc.abstractmethod
     def initial_state(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
         """Zero recurrent state, ``[batch_size, *state_shape]``."""

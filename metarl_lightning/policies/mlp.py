@@ -64,6 +64,10 @@ class MLPActorCritic(ActorCritic):
         value = self.critic(observations).squeeze(-1)  # (B, T)
         return PolicyOutput(mean, self.log_std.expand_as(mean), value, state)
 
+    def values(self, observations: torch.Tensor, state: torch.Tensor, resets: torch.Tensor) -> torch.Tensor:
+        """The critic alone, ``[B, T]``."""
+        return self.critic(observations).squeeze(-1)
+
     @torch.no_grad()
     def acting_step(
         self,

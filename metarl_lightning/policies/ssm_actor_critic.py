@@ -138,6 +138,13 @@ class SSMActorCritic(ActorCritic):
             (ssm if is_ssm else default).append(name)
         return {"ssm": ssm, "default": default}
 
+    def values(self, observations: torch.Tensor, state: torch.Tensor, resets: torch.Tensor) -> torch.Tensor:
+        """State values ``[B, T]``; with a separate critic trunk the actor trunk is not run."""
+        if self.critic_trunk is None:
+            return super().values(observations, state, resets)
+        critic_x, _ = self.critic_trunk(observations, state[:, self.num_layers :], resets)
+        return self.value_head(critic_x).squeeze(-1)
+
     @torch.no_grad()
     def acting_step(
         self,
