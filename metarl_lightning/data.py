@@ -104,8 +104,9 @@ class MetaTaskDataModule(L.LightningDataModule):
             compilation per rollout shape). The native MLP/SSM acting steps gain nothing from it;
             policies on the generic vmap path (GRU, custom) do.
         pipeline_rollouts: with 2+ env workers, act for one half of the agents while the other
-            half's workers step (identical rollouts). On the 2-core box it helped the MLP (0.75 ->
-            0.83 of random stepping) and slowed the S5 policy (0.71 -> 0.65); see the README.
+            half's workers step (identical rollouts). On the 2-core box it lifted the S5 collector
+            from ~0.75 to 0.81-0.86 of random stepping at ~100 envs per step and did not pay at 20
+            (README, benchmarks).
         seed: seeds tasks, exploration noise and simulators.
         benchmark_cache_dir: where built Meta-World benchmarks are pickled (``null``: the default
             ``~/.cache/metarl_lightning``).

@@ -10,9 +10,10 @@ rollout instead of once per step:
 * actor and critic trunks stacked as parameter sets of one batched matmul (their inputs are the
   same observations), so each layer costs its ops once, not once per trunk.
 
-That leaves 9 tensor ops per block per step for all agents and both trunks (measured in
-``benchmarks/bench_ssm.py``). The state is kept complex, ``[L, G * K', M, N]``, the layout the
-step consumes, so no per-step conversions are needed.
+That leaves 9 tensor ops per block per step for all agents and trunks (timed in
+``benchmarks/bench_ssm.py``; with ``with_values=False`` only the actor trunk runs). The state is
+kept complex, ``[L, G * K', M, N]``, the layout the step consumes, so no per-step conversions are
+needed.
 """
 
 from __future__ import annotations
