@@ -252,12 +252,12 @@ class MetaTaskDataModule(L.LightningDataModule):
         if split in self._envs:
             return
         agents = global_agents // self._world_size
+        workers = 0 if self.benchmark == NAV2D else self._workers()  # nav2d is one numpy array
         if self.benchmark == NAV2D:
             env: TaskVectorEnv = Navigation2DVectorEnv(agents, self.envs_per_task, self.max_episode_steps)
         else:
             from metarl_lightning.envs.workers import MetaWorldVectorEnv
 
-            workers = self._workers()
             classes = self._bench.slot_classes(split, global_agents)
             env = MetaWorldVectorEnv(
                 self._bench,
@@ -274,7 +274,7 @@ class MetaTaskDataModule(L.LightningDataModule):
         self._envs[split] = env
         # Tiny per-step matmuls slow down many-fold when torch's threads fight the env workers for
         # the cores, so acting runs on one thread; the meta-update keeps all of them.
-        acting_threads = 1 if self.benchmark != NAV2D and self._workers() > 0 else None
+        acting_threads = 1 if workers > 0 else None
         self._collectors[split] = RolloutCollector(
             env,
             reset_state_on=self.reset_state_on,

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from torch.func import functional_call, vmap
-
 from metarl_lightning.policies.base import ActorCritic
+from metarl_lightning.policies.functional import batched_policy_values
 
 
 def sequence_values(
@@ -31,25 +30,10 @@ def sequence_values(
 ) -> torch.Tensor:
     """Critic values ``[K, E, T]`` of ``[K, E, T, D]`` sequences (``ActorCritic.values``: the critic
     alone), with per-agent parameters (vmap over agents) or shared ones."""
+    if stacked_params is not None:
+        return batched_policy_values(policy, stacked_params, observations, initial_state, resets)
     K, E, T = resets.shape
-    if stacked_params is None:
-        return policy.values(observations.flatten(0, 1), initial_state.flatten(0, 1), resets.flatten(0, 1)).reshape(K, E, T)
-
-    def one_agent(params: dict[str, torch.Tensor], obs: torch.Tensor, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        return functional_call(_ValuesOf(policy), {f"policy.{n}": p for n, p in params.items()}, (obs, h, r))
-
-    return vmap(one_agent)(stacked_params, observations, initial_state, resets)
-
-
-class _ValuesOf(torch.nn.Module):
-    """``policy.values`` as a module's ``forward``, so ``functional_call`` can swap its parameters."""
-
-    def __init__(self, policy: ActorCritic) -> None:
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, observations: torch.Tensor, state: torch.Tensor, resets: torch.Tensor) -> torch.Tensor:
-        return self.policy.values(observations, state, resets)
+    return policy.values(observations.flatten(0, 1), initial_state.flatten(0, 1), resets.flatten(0, 1)).reshape(K, E, T)
 
 
 def rollout_values(

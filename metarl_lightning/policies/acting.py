@@ -1,11 +1,12 @@
 """Acting steps: the policy's rollout path, prepared once per rollout and called once per env step.
 
-A rollout runs the policy once per environment step for ``K`` agents x ``E`` envs, so on a CPU its
-cost is the *number of tensor ops per step*, not their size (each op costs microseconds of
-dispatch; a ``[100, 64]`` matmul costs less than that). The generic path below (``vmap`` over
-``functional_call``) works for any :class:`~metarl_lightning.policies.base.ActorCritic` but pays
-~500 us per call for vmap's batching rules and parameter swapping. A policy can instead return its
-own :class:`ActingStep` that
+A rollout runs the policy once per environment step for ``K`` agents x ``E`` envs, on tensors of a
+few hundred rows: each tensor op costs microseconds of dispatch, and with per-agent weights the
+arithmetic of small batched matmuls adds to it (measured in ``benchmarks/bench_ssm.py``). The
+generic path below (``vmap`` over ``functional_call``) works for any
+:class:`~metarl_lightning.policies.base.ActorCritic` but pays ~500 us per call for vmap's batching
+rules and parameter swapping. A policy can instead name its own :class:`ActingStep` class
+(``ActorCritic.acting_step_class``, usually a :class:`NativeActingStep`) that
 
 * does every parameter-only computation once per rollout (SSM discretisation, folding LayerNorm
   affines into the next matmul, transposes), and
@@ -127,6 +128,38 @@ class ParameterSets:
     def get(self, name: str) -> torch.Tensor:
         """One parameter, ``[K', *shape]``."""
         return self.params[name]
+
+
+class NativeActingStep:
+    """What the native acting steps share: the rollout's :class:`ParameterSets` and log-std.
+
+    Args:
+        policy: the architecture; its own parameters act when ``stacked_params`` is None (every
+            agent acts with theta: one parameter set, ``K' = 1``).
+        stacked_params: name -> ``[K, *shape]`` per-agent parameters, or ``None``.
+        num_agents: ``K``.
+        envs_per_agent: ``E``.
+
+    Attributes:
+        sets: the parameters as :class:`ParameterSets`.
+        num_sets: ``K'``.
+        log_std: ``[K', 1, A]``, broadcasts against ``[K, E, A]`` (a state-independent parameter).
+    """
+
+    def __init__(
+        self,
+        policy: ActorCritic,
+        stacked_params: dict[str, torch.Tensor] | None,
+        num_agents: int,
+        envs_per_agent: int,
+    ) -> None:
+        per_agent = stacked_params is not None
+        self.sets = ParameterSets(stacked_params if per_agent else dict(policy.named_parameters()), per_agent)
+        self.num_agents, self.envs_per_agent = num_agents, envs_per_agent
+        self.num_sets = num_agents if per_agent else 1
+        log_std = self.sets.get("log_std")  # (K', A)
+        self.log_std = log_std.unsqueeze(1)  # (K', 1, A)
+        self.dtype, self.device = log_std.dtype, log_std.device
 
 
 def prepare_linear(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

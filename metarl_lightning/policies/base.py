@@ -14,7 +14,7 @@ Per-agent (adapted) parameters are applied with ``torch.func.functional_call`` u
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -73,6 +73,9 @@ class ActorCritic(nn.Module, abc.ABC):
 
     observation_dim: int
     action_dim: int
+    # A native acting step class (policies/acting.py), built as cls(policy, stacked_params, K, E,
+    # with_values); None: the generic vmap step.
+    acting_step_class: ClassVar[Callable[..., Any] | None] = None
 
     def parameter_groups(self) -> dict[str, list[str]]:
         """Names of parameters per optimiser group.
@@ -82,6 +85,7 @@ class ActorCritic(nn.Module, abc.ABC):
         """
         return {"default": [name for name, _ in self.named_parameters()]}
 
+    @torch.no_grad()
     def acting_step(
         self,
         stacked_params: dict[str, torch.Tensor] | None,
@@ -91,8 +95,9 @@ class ActorCritic(nn.Module, abc.ABC):
     ) -> ActingStep:
         """The rollout path for one rollout's parameters (see :mod:`metarl_lightning.policies.acting`).
 
-        The default runs ``forward`` with ``T == 1`` (vmap over agents); policies override it with a
-        native step that prepares parameters once and batches agents with plain matmuls.
+        Without an ``acting_step_class`` it runs ``forward`` with ``T == 1`` (vmap over agents);
+        policies that name one get a native step that prepares parameters once and batches agents
+        with plain matmuls.
 
         Args:
             stacked_params: name -> ``[K, *shape]`` per-agent parameters, or ``None`` for this
@@ -102,6 +107,8 @@ class ActorCritic(nn.Module, abc.ABC):
             with_values: compute the critic; without it a native step skips the critic's layers
                 and returns ``value=None`` (the collector then computes values after the rollout).
         """
+        if self.acting_step_class is not None:
+            return self.acting_step_class(self, stacked_params, num_agents, envs_per_agent, with_values)
         from metarl_lightning.policies.acting import GenericActingStep  # acting imports this module
 
         return GenericActingStep(self, stacked_params, num_agents, envs_per_agent)

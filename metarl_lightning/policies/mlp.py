@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metarl_lightning.policies.acting import ActingOutput, ParameterSets, apply_linear, prepare_linear
+from metarl_lightning.policies.acting import ActingOutput, NativeActingStep, apply_linear, prepare_linear
 from metarl_lightning.policies.base import ActorCritic, PolicyOutput, bounded_action_mean
 
 
@@ -27,6 +27,56 @@ def _mlp(in_dim: int, hidden_dim: int, num_layers: int, out_dim: int, out_gain: 
     return nn.Sequential(*layers)
 
 
+class MLPActingStep(NativeActingStep):
+    """The MLP's rollout step: actor and critic hidden layers as one batched matmul each.
+
+    Args:
+        policy: the architecture (its parameters act when ``stacked_params`` is None).
+        stacked_params: name -> ``[K, *shape]``, or ``None``.
+        num_agents: ``K``.
+        envs_per_agent: ``E``.
+        with_values: also run the critic (else ``value`` is ``None``).
+    """
+
+    def __init__(
+        self,
+        policy: MLPActorCritic,
+        stacked_params: dict[str, torch.Tensor] | None,
+        num_agents: int,
+        envs_per_agent: int,
+        with_values: bool = True,
+    ) -> None:
+        super().__init__(policy, stacked_params, num_agents, envs_per_agent)
+        sets = self.sets
+        self.nets = ("actor.", "critic.") if with_values else ("actor.",)
+        # Sequential indices: Linear at 0, 2, ..., head at 2 * num_layers (Tanh in between).
+        self.hidden = [
+            prepare_linear(sets.stack(self.nets, f"{2 * i}.weight"), sets.stack(self.nets, f"{2 * i}.bias"))
+            for i in range(policy.num_layers)
+        ]  # each ([G K', 1, H], [G K', in, H]), G = 2 (actor, critic) or 1 (actor)
+        head = 2 * policy.num_layers
+        self.action_head = prepare_linear(sets.get(f"actor.{head}.weight"), sets.get(f"actor.{head}.bias"))
+        self.value_head = prepare_linear(sets.get(f"critic.{head}.weight"), sets.get(f"critic.{head}.bias"))
+
+    def initial_state(self) -> torch.Tensor:
+        """Width-0 state ``[K, E, 0]``."""
+        return torch.zeros(self.num_agents, self.envs_per_agent, 0, dtype=self.dtype, device=self.device)
+
+    def __call__(self, obs: torch.Tensor, state: torch.Tensor, reset: torch.Tensor) -> ActingOutput:
+        """See :class:`~metarl_lightning.policies.acting.ActingStep`; ``reset`` is unused."""
+        K, E, D = obs.shape
+        x = obs.reshape(self.num_sets, -1, D)  # (K', M, D)
+        if self.hidden:
+            if len(self.nets) == 2:
+                x = torch.cat([x, x])  # (2K', M, D): actor sets, then critic sets (cat: 10x cheaper than repeat)
+            for layer in self.hidden:
+                x = torch.tanh(apply_linear(x, layer))  # (G K', M, H)
+        features = x.chunk(len(self.nets)) if self.hidden else (x, x)
+        mean = bounded_action_mean(apply_linear(features[0], self.action_head))  # (K', M, A)
+        value = None if len(self.nets) == 1 else apply_linear(features[-1], self.value_head).reshape(K, E)
+        return ActingOutput(mean.reshape(K, E, -1), self.log_std, value, state)
+
+
 class MLPActorCritic(ActorCritic):
     """Separate tanh MLPs for the action mean and the value; state-independent log-std.
 
@@ -37,6 +87,8 @@ class MLPActorCritic(ActorCritic):
         num_layers: hidden layers per network.
         init_log_std: initial log standard deviation of the Gaussian.
     """
+
+    acting_step_class = MLPActingStep
 
     def __init__(
         self,
@@ -67,69 +119,3 @@ class MLPActorCritic(ActorCritic):
     def values(self, observations: torch.Tensor, state: torch.Tensor, resets: torch.Tensor) -> torch.Tensor:
         """The critic alone, ``[B, T]``."""
         return self.critic(observations).squeeze(-1)
-
-    @torch.no_grad()
-    def acting_step(
-        self,
-        stacked_params: dict[str, torch.Tensor] | None,
-        num_agents: int,
-        envs_per_agent: int,
-        with_values: bool = True,
-    ) -> MLPActingStep:
-        """Native rollout step (see :meth:`ActorCritic.acting_step`)."""
-        return MLPActingStep(self, stacked_params, num_agents, envs_per_agent, with_values)
-
-
-class MLPActingStep:
-    """The MLP's rollout step: actor and critic hidden layers as one batched matmul each.
-
-    Args:
-        policy: the architecture (its parameters act when ``stacked_params`` is None).
-        stacked_params: name -> ``[K, *shape]``, or ``None``.
-        num_agents: ``K``.
-        envs_per_agent: ``E``.
-        with_values: also run the critic (else ``value`` is ``None``).
-    """
-
-    def __init__(
-        self,
-        policy: MLPActorCritic,
-        stacked_params: dict[str, torch.Tensor] | None,
-        num_agents: int,
-        envs_per_agent: int,
-        with_values: bool = True,
-    ) -> None:
-        per_agent = stacked_params is not None
-        self.nets = ("actor.", "critic.") if with_values else ("actor.",)
-        sets = ParameterSets(stacked_params if per_agent else dict(policy.named_parameters()), per_agent)
-        self.num_agents, self.envs_per_agent = num_agents, envs_per_agent
-        self.num_sets = num_agents if per_agent else 1  # K'
-        # Sequential indices: Linear at 0, 2, ..., head at 2 * num_layers (Tanh in between).
-        self.hidden = [
-            prepare_linear(sets.stack(self.nets, f"{2 * i}.weight"), sets.stack(self.nets, f"{2 * i}.bias"))
-            for i in range(policy.num_layers)
-        ]  # each ([G K', 1, H], [G K', in, H]), G = 2 (actor, critic) or 1 (actor)
-        head = 2 * policy.num_layers
-        self.action_head = prepare_linear(sets.get(f"actor.{head}.weight"), sets.get(f"actor.{head}.bias"))
-        self.value_head = prepare_linear(sets.get(f"critic.{head}.weight"), sets.get(f"critic.{head}.bias"))
-        log_std = sets.get("log_std")  # (K', A)
-        self.log_std = log_std.unsqueeze(1)  # (K', 1, A): broadcasts against (K, E, A)
-        self.dtype, self.device = log_std.dtype, log_std.device
-
-    def initial_state(self) -> torch.Tensor:
-        """Width-0 state ``[K, E, 0]``."""
-        return torch.zeros(self.num_agents, self.envs_per_agent, 0, dtype=self.dtype, device=self.device)
-
-    def __call__(self, obs: torch.Tensor, state: torch.Tensor, reset: torch.Tensor) -> ActingOutput:
-        """See :class:`~metarl_lightning.policies.acting.ActingStep`; ``reset`` is unused."""
-        K, E, D = obs.shape
-        x = obs.reshape(self.num_sets, -1, D)  # (K', M, D)
-        if self.hidden:
-            if len(self.nets) == 2:
-                x = torch.cat([x, x])  # (2K', M, D): actor sets, then critic sets (cat: 10x cheaper than repeat)
-            for layer in self.hidden:
-                x = torch.tanh(apply_linear(x, layer))  # (G K', M, H)
-        features = x.chunk(len(self.nets)) if self.hidden else (x, x)
-        mean = bounded_action_mean(apply_linear(features[0], self.action_head))  # (K', M, A)
-        value = None if len(self.nets) == 1 else apply_linear(features[-1], self.value_head).reshape(K, E)
-        return ActingOutput(mean.reshape(K, E, -1), self.log_std, value, state)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from metarl_lightning.policies.acting import (
     ActingOutput,
+    NativeActingStep,
     ParameterSets,
     apply_linear,
     fold_affine_into_linear,
@@ -78,7 +79,7 @@ class _FoldedBlock:
         return torch.addcmul(x, value, torch.sigmoid(gate)), h
 
 
-class SSMActingStep:
+class SSMActingStep(NativeActingStep):
     """Rollout step of :class:`~metarl_lightning.policies.ssm_actor_critic.SSMActorCritic`.
 
     Args:
@@ -97,10 +98,8 @@ class SSMActingStep:
         envs_per_agent: int,
         with_values: bool = True,
     ) -> None:
-        per_agent = stacked_params is not None
-        sets = ParameterSets(stacked_params if per_agent else dict(policy.named_parameters()), per_agent)
-        self.num_agents, self.envs_per_agent = num_agents, envs_per_agent
-        self.num_sets = num_agents if per_agent else 1  # K'
+        super().__init__(policy, stacked_params, num_agents, envs_per_agent)
+        sets = self.sets
         self.with_values = with_values
         separate_critic = policy.critic_trunk is not None and with_values
         self.trunks = ("actor_trunk.", "critic_trunk.") if separate_critic else ("actor_trunk.",)
@@ -115,9 +114,6 @@ class SSMActingStep:
         self.value_head = prepare_linear(
             *fold_affine_into_linear(out_scale[-1], out_shift[-1], sets.get("value_head.weight"), sets.get("value_head.bias"))
         ) if with_values else None
-        log_std = sets.get("log_std")  # (K', A)
-        self.log_std = log_std.unsqueeze(1)  # (K', 1, A)
-        self.dtype, self.device = log_std.dtype, log_std.device
         self.num_modes = policy.num_modes
 
     def initial_state(self) -> torch.Tensor:

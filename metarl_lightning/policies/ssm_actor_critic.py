@@ -111,6 +111,8 @@ class SSMActorCritic(ActorCritic):
         shared_trunk: one trunk for actor and critic (half the cost, see above for the risk).
     """
 
+    acting_step_class = SSMActingStep
+
     def __init__(
         self,
         observation_dim: int,
@@ -144,17 +146,6 @@ class SSMActorCritic(ActorCritic):
             return super().values(observations, state, resets)
         critic_x, _ = self.critic_trunk(observations, state[:, self.num_layers :], resets)
         return self.value_head(critic_x).squeeze(-1)
-
-    @torch.no_grad()
-    def acting_step(
-        self,
-        stacked_params: dict[str, torch.Tensor] | None,
-        num_agents: int,
-        envs_per_agent: int,
-        with_values: bool = True,
-    ) -> SSMActingStep:
-        """Native rollout step with per-rollout parameter folding (see :mod:`.ssm_acting`)."""
-        return SSMActingStep(self, stacked_params, num_agents, envs_per_agent, with_values)
 
     def initial_state(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
         """Zero state ``(batch_size, trunks * num_layers, N, 2)``."""
