@@ -1,7 +1,8 @@
 """Collector throughput on MT10: the multi-agent collector vs random stepping of the same envs.
 
 Prints, each a ratio measured in one run:
-  * env steps/s of the collector acting with a policy (MLP and S5; per-agent parameters as in the
+  * env steps/s of the collector acting with a policy (the quickstart's MLP and the Meta-World
+    configs' S5, built from ``configs/``; per-agent parameters as in the
     query rollouts, shared theta as in the support rollouts; steps in sync or pipelined over the two
     worker lanes) vs the same worker layout stepped with random actions (target >= 0.85). Both
     sides reset the envs and then step them ``T`` times; candidates are interleaved and repeated,
@@ -25,15 +26,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-from common import measure_fit
+from common import config_policy, measure_fit
 
 from metarl_lightning.algorithms.maml import stack_for_agents
 from metarl_lightning.data import MetaTaskDataModule
 from metarl_lightning.envs.benchmarks import make_benchmark
 from metarl_lightning.envs.workers import MetaWorldVectorEnv
 from metarl_lightning.module import MetaRLModule
-from metarl_lightning.policies import MLPActorCritic, SSMActorCritic
 from metarl_lightning.rollouts import RolloutCollector
+
+# The policies measured are the ones the configs train: the quickstart's MLP, the Meta-World S5.
+POLICY_CONFIGS = {"mlp": "quickstart.yaml", "ssm": "mt10.yaml"}
 
 def timed(run: Callable[[], None], steps: int) -> tuple[float, float]:
     """``(env steps/s, learner CPU seconds)`` of one call of ``run`` taking ``steps`` env steps."""
@@ -62,7 +65,7 @@ def collector_table(env: MetaWorldVectorEnv, steps: int, repeats: int) -> list[t
     """Rows ``(label, random steps/s, collector/random ratio, learner CPU us per step)``, medians of ``repeats``."""
     rng = np.random.default_rng(0)
     obs_dim = env.observation_dim
-    policies = {"mlp": MLPActorCritic(obs_dim, 4), "ssm": SSMActorCritic(obs_dim, 4)}
+    policies = {name: config_policy(config, obs_dim, 4) for name, config in POLICY_CONFIGS.items()}
     candidates: dict[str, Callable[[], None]] = {}
     for name, policy in policies.items():
         for per_agent in (True, False):
@@ -89,7 +92,7 @@ def end_to_end(benchmark: str, agents: int, policy_name: str, steps: int, envs_p
         benchmark, meta_batch_size=agents, rollouts_per_task=envs_per_agent, envs_per_task=envs_per_agent,
         max_episode_steps=steps, num_env_workers=2, pipeline_rollouts=True,  # as the configs
     )
-    policy = MLPActorCritic(39, 4) if policy_name == "mlp" else SSMActorCritic(39, 4)
+    policy = config_policy(POLICY_CONFIGS[policy_name], 39, 4)
     meter = measure_fit(MetaRLModule(policy, ppo_epochs=4), data, iterations, accelerator="cpu")
     return meter.median_rate, meter.median_collect_share
 
@@ -121,7 +124,7 @@ def main() -> None:
     for fast in (False, True, False, True):
         fast_env = MetaWorldVectorEnv(bench, "train", K, E, num_workers=2, max_episode_steps=steps + 1, fast=fast)
         fast_env.set_tasks(bench.sample_tasks("train", K, np.random.default_rng(0)))
-        policy = MLPActorCritic(fast_env.observation_dim, 4)
+        policy = config_policy(POLICY_CONFIGS["mlp"], fast_env.observation_dim, 4)
         rates.setdefault(fast, []).append(timed(policy_rollout(fast_env, policy, steps, True, False), steps * fast_env.num_envs)[0])
         fast_env.close()
     stock, fast_rate = np.mean(rates[False]), np.mean(rates[True])

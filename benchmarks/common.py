@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
+import yaml
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 class IterationMeter(L.Callback):
@@ -38,3 +44,16 @@ def measure_fit(module: L.LightningModule, data: L.LightningDataModule, epochs: 
                         callbacks=[meter], **trainer_kwargs)
     trainer.fit(module, data)
     return meter
+
+
+def config_policy(config: str, observation_dim: int, action_dim: int) -> torch.nn.Module:
+    """The policy a config in ``configs/`` trains (class and init args), so benchmarks measure it.
+
+    Args:
+        config: file name in ``configs/``, e.g. ``"mt10.yaml"``.
+        observation_dim, action_dim: the env's sizes (linked from the data module in the CLI).
+    """
+    spec = yaml.safe_load((CONFIGS / config).read_text())["model"]["policy"]
+    module_name, class_name = spec["class_path"].rsplit(".", 1)
+    policy_class = getattr(importlib.import_module(module_name), class_name)
+    return policy_class(observation_dim, action_dim, **spec.get("init_args", {}))

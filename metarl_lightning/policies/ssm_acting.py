@@ -75,8 +75,7 @@ class _FoldedBlock:
         bu = torch.view_as_complex(apply_linear(n, self.input).unflatten(-1, (self.num_modes, 2)))  # (P, M, N)
         h = torch.addcmul(bu, self.lam_bar, h)  # (P, M, N)
         y = torch.addcmul(apply_linear(torch.view_as_real(h).flatten(-2), self.output), self.feedthrough, n)
-        value, gate = apply_linear(F.gelu(y), self.glu).chunk(2, dim=-1)  # (P, M, H) each
-        return torch.addcmul(x, value, torch.sigmoid(gate)), h
+        return x + F.glu(apply_linear(F.gelu(y), self.glu), dim=-1), h  # value * sigmoid(gate): one op
 
 
 class SSMActingStep(NativeActingStep):
@@ -136,7 +135,8 @@ class SSMActingStep(NativeActingStep):
         for block, h in zip(self.blocks, state.unbind(0)):
             x, h = block(x, h)
             new_state.append(h)
-        features = F.layer_norm(x, x.shape[-1:]).chunk(len(self.trunks))  # (K', M, H) per trunk
+        features = F.layer_norm(x, x.shape[-1:])  # (G K', M, H)
+        features = features.chunk(len(self.trunks)) if len(self.trunks) > 1 else (features,)  # (K', M, H) per trunk
         mean = bounded_action_mean(apply_linear(features[0], self.action_head))  # (K', M, A)
         value = apply_linear(features[-1], self.value_head).reshape(K, E) if self.with_values else None
         next_state = torch.stack(new_state) if new_state else state

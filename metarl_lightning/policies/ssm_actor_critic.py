@@ -39,8 +39,7 @@ class S5Block(nn.Module):
 
     def _mix(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Gated residual update from the SSM output ``y``; both ``(..., H)``."""
-        value, gate = self.glu(F.gelu(y)).chunk(2, dim=-1)
-        return x + value * torch.sigmoid(gate)
+        return x + F.glu(self.glu(F.gelu(y)), dim=-1)  # value * sigmoid(gate), value first
 
     def forward(
         self, x: torch.Tensor, h0: torch.Tensor, resets: torch.Tensor
