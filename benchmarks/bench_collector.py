@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (noisier)")
     parser.add_argument("--benchmark", default="MT10", help="an MT benchmark (train classes = all classes)")
     parser.add_argument("--agents", type=int, default=10, help="agents K (a multiple of the class count)")
-    parser.add_argument("--envs-per-agent", type=int, default=2, help="envs per agent E")
+    parser.add_argument("--envs-per-agent", type=int, default=10, help="envs per agent E (configs/mt10.yaml: 10)")
     parser.add_argument("--table-only", action="store_true", help="only the collector vs random table")
     args = parser.parse_args()
     steps, repeats = (100, 1) if args.quick else (400, 3)

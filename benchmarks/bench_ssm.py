@@ -102,7 +102,7 @@ def bench_rollout_step(
         obs = torch.randn(agents, envs, obs_dim)
         resets = torch.zeros(agents, envs, dtype=torch.bool)
 
-        @torch.no_grad()
+        @torch.inference_mode()  # as the collector's stepping loop
         def run() -> None:
             # Preparing the step is part of the cost: it runs once per rollout.
             if generic:

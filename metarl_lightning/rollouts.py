@@ -308,16 +308,21 @@ class RolloutCollector:
         if self.acting_threads is not None:
             torch.set_num_threads(self.acting_threads)
         try:
-            for lane in lanes:
-                lane.obs = first_obs[lane.agents]
-                lane.reset = torch.ones(lane.shape, dtype=torch.bool, device=device)
-                lane.no_reset = torch.zeros(lane.shape, dtype=torch.bool, device=device)
-                act_and_send(lane, 0)
-            for t in range(num_steps):
-                for lane in lanes:  # while this lane is handled, the other lanes' workers step
-                    receive(lane, t)
-                    if t + 1 < num_steps:
-                        act_and_send(lane, t + 1)
+            # Inference mode skips autograd's per-op bookkeeping (version counters, view tracking):
+            # the S5 acting step alone took 133 vs 146-152 us (10 x 5 envs, 1 thread; cache-cold
+            # 265-270 vs 286-320 us). Only storage allocated outside is written in place, so
+            # everything the Rollout returns stays a normal tensor for training.
+            with torch.inference_mode():
+                for lane in lanes:
+                    lane.obs = first_obs[lane.agents]
+                    lane.reset = torch.ones(lane.shape, dtype=torch.bool, device=device)
+                    lane.no_reset = torch.zeros(lane.shape, dtype=torch.bool, device=device)
+                    act_and_send(lane, 0)
+                for t in range(num_steps):
+                    for lane in lanes:  # while this lane is handled, the other lanes' workers step
+                        receive(lane, t)
+                        if t + 1 < num_steps:
+                            act_and_send(lane, t + 1)
         finally:
             torch.set_num_threads(threads)
 
