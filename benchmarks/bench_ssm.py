@@ -81,7 +81,7 @@ def bench_scan(batch: int, length: int, width: int, repeats: int) -> dict[str, f
 def bench_rollout_step(
     agents: int, envs: int, obs_dim: int, act_dim: int, steps: int, repeats: int, with_values: bool = False
 ) -> dict[str, float]:
-    """Microseconds per agent-step of the collector's acting step (per-agent parameters, no grad).
+    """Microseconds per agent-step of the collector's acting step (per-agent parameters, inference mode).
 
     ``<policy>`` is the policy's own ``acting_step`` (native for MLP and SSM: parameters folded once
     per rollout, agents batched by matmul); ``<policy> vmap`` is the generic path (``forward`` with
