@@ -113,6 +113,8 @@ def main() -> None:
     rows = collector_table(env, steps, repeats)
     env.close()
     print(f"{args.benchmark}, {K} agents x {E} envs, 2 workers, {steps} steps, median of {repeats}")
+    if args.quick:
+        print("(--quick: a smoke run; one short repeat, env resets weigh heavily, the ratios are not measurements)")
     print(f"{'policy / params / stepping':30} {'random steps/s':>15} {'ratio':>6} {'learner CPU/step':>17}")
     for label, random_rate, ratio, cpu_us in rows:
         print(f"{label:30} {random_rate:15.0f} {ratio:6.2f} {cpu_us:14.0f} us")

@@ -10,10 +10,11 @@ rollout instead of once per step:
 * actor and critic trunks stacked as parameter sets of one batched matmul (their inputs are the
   same observations), so each layer costs its ops once, not once per trunk.
 
-That leaves 9 tensor ops per block per step for all agents and trunks (timed in
-``benchmarks/bench_ssm.py``; with ``with_values=False`` only the actor trunk runs). The state is
-kept complex, ``[L, G * K', M, N]``, the layout the step consumes, so no per-step conversions are
-needed.
+That leaves 9 tensor ops and 2 views per block per step for all agents and trunks (timed in
+``benchmarks/bench_ssm.py``; with ``with_values=False`` only the actor trunk runs). In the collector
+each op costs ~15 us, mostly cache misses (README, "Benchmarks"), so the op count is the cost. The
+state is kept complex, one ``[G * K', M, N]`` tensor per block (a tuple: no stack and unbind per
+step), the layout the step consumes, so no per-step conversions are needed.
 """
 
 from __future__ import annotations
@@ -68,13 +69,15 @@ class _FoldedBlock:
         self.output = ((d * norm_shift).unsqueeze(-2), stack("ssm.C").flatten(1, 2).contiguous())  # (P,1,H), (P,2N,H)
         self.feedthrough = (d * norm_scale).unsqueeze(-2)  # (P, 1, H)
         self.glu = prepare_linear(stack("glu.weight"), stack("glu.bias"))
+        self.real_dtype, self.complex_dtype = d.dtype, lam_bar.dtype
 
     def __call__(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` ``(P, M, H)`` real, ``h`` ``(P, M, N)`` complex -> next ``x`` and ``h``."""
         n = F.layer_norm(x, x.shape[-1:])  # affine folded into the constants
-        bu = torch.view_as_complex(apply_linear(n, self.input).unflatten(-1, (self.num_modes, 2)))  # (P, M, N)
+        # Real/imag pairs <-> complex by reinterpreting the contiguous last dim: one view op each.
+        bu = apply_linear(n, self.input).view(self.complex_dtype)  # (P, M, 2N) real -> (P, M, N)
         h = torch.addcmul(bu, self.lam_bar, h)  # (P, M, N)
-        y = torch.addcmul(apply_linear(torch.view_as_real(h).flatten(-2), self.output), self.feedthrough, n)
+        y = torch.addcmul(apply_linear(h.view(self.real_dtype), self.output), self.feedthrough, n)
         return x + F.glu(apply_linear(F.gelu(y), self.glu), dim=-1), h  # value * sigmoid(gate): one op
 
 
@@ -115,29 +118,29 @@ class SSMActingStep(NativeActingStep):
         ) if with_values else None
         self.num_modes = policy.num_modes
 
-    def initial_state(self) -> torch.Tensor:
-        """Zero complex state ``[L, G * K', M, N]``."""
+    def initial_state(self) -> tuple[torch.Tensor, ...]:
+        """Zero complex state: one ``[G * K', M, N]`` tensor per block."""
         sets = len(self.trunks) * self.num_sets
         envs = self.num_agents * self.envs_per_agent // self.num_sets
         complex_dtype = torch.promote_types(self.dtype, torch.complex64)  # float64 -> complex128
-        return torch.zeros(len(self.blocks), sets, envs, self.num_modes, dtype=complex_dtype, device=self.device)
+        return tuple(torch.zeros(sets, envs, self.num_modes, dtype=complex_dtype, device=self.device) for _ in self.blocks)
 
-    def __call__(self, obs: torch.Tensor, state: torch.Tensor, reset: torch.Tensor) -> ActingOutput:
+    def __call__(self, obs: torch.Tensor, state: tuple[torch.Tensor, ...], reset: torch.Tensor) -> ActingOutput:
         """See :class:`~metarl_lightning.policies.acting.ActingStep`."""
         K, E, D = obs.shape
         if reset.any():  # episode starts only: skip the masking on every other step
-            keep = (~reset).to(self.dtype).reshape(1, 1, self.num_sets, -1, 1)  # (1, 1, K', M, 1)
-            state = (state.unflatten(1, (len(self.trunks), self.num_sets)) * keep).flatten(1, 2)
+            keep = (~reset).to(self.dtype).reshape(1, self.num_sets, -1, 1)  # (1, K', M, 1)
+            groups = (len(self.trunks), self.num_sets)
+            state = tuple((h.unflatten(0, groups) * keep).flatten(0, 1) for h in state)
         x = obs.reshape(self.num_sets, -1, D)
         x = torch.cat([x] * len(self.trunks)) if len(self.trunks) > 1 else x  # (P, M, D)
         x = F.gelu(apply_linear(x, self.encoder))  # (P, M, H)
         new_state = []
-        for block, h in zip(self.blocks, state.unbind(0)):
+        for block, h in zip(self.blocks, state):
             x, h = block(x, h)
             new_state.append(h)
         features = F.layer_norm(x, x.shape[-1:])  # (G K', M, H)
         features = features.chunk(len(self.trunks)) if len(self.trunks) > 1 else (features,)  # (K', M, H) per trunk
         mean = bounded_action_mean(apply_linear(features[0], self.action_head))  # (K', M, A)
         value = apply_linear(features[-1], self.value_head).reshape(K, E) if self.with_values else None
-        next_state = torch.stack(new_state) if new_state else state
-        return ActingOutput(mean.reshape(K, E, -1), self.log_std, value, next_state)
+        return ActingOutput(mean.reshape(K, E, -1), self.log_std, value, tuple(new_state))
