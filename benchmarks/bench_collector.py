@@ -38,6 +38,7 @@ from metarl_lightning.rollouts import RolloutCollector
 # The policies measured are the ones the configs train: the quickstart's MLP, the Meta-World S5.
 POLICY_CONFIGS = {"mlp": "quickstart.yaml", "ssm": "mt10.yaml"}
 
+
 def timed(run: Callable[[], None], steps: int) -> tuple[float, float]:
     """``(env steps/s, learner CPU seconds)`` of one call of ``run`` taking ``steps`` env steps."""
     cpu, wall = time.process_time(), time.perf_counter()

@@ -58,7 +58,6 @@ class _FoldedBlock:
         # B_bar (scale * n + shift) = (diag(scale) B_bar) n + B_bar^T shift, in real/imag pairs.
         folded_b = norm_scale.unsqueeze(-1) * b_bar  # (P, H, N)
         folded_b_bias = torch.einsum("ph,phn->pn", norm_shift.to(b_bar.dtype), b_bar)  # (P, N)
-        self.num_modes = lam_bar.shape[-1]
         self.input = (
             torch.view_as_real(folded_b_bias).flatten(-2).unsqueeze(-2),  # (P, 1, 2N)
             torch.view_as_real(folded_b).flatten(-2).contiguous(),  # (P, H, 2N)
