@@ -309,7 +309,7 @@ class RolloutCollector:
             torch.set_num_threads(self.acting_threads)
         try:
             # Inference mode skips autograd's per-op bookkeeping (version counters, view tracking):
-            # the S5 acting step alone took 133 vs 146-152 us (10 x 5 envs, 1 thread; cache-cold
+            # the S5 acting step alone took 133 vs 146-152 us (5 agents x 10 envs, 1 thread; cache-cold
             # 265-270 vs 286-320 us). Only storage allocated outside is written in place, so
             # everything the Rollout returns stays a normal tensor for training.
             with torch.inference_mode():
