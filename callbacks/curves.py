@@ -9,14 +9,18 @@ from matplotlib.figure import Figure
 
 from callbacks.atomic_io import write_atomic
 
+STEPS = "env steps (millions)"
 
-def _series(entries: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    points = [(e["epoch"], e[key]) for e in entries if e.get(key) is not None]
+
+def _series(entries: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """``(env steps in millions, values)`` of the entries that have ``key``."""
+    points = [(e.get("env_steps", 0) / 1e6, e[key]) for e in entries if e.get(key) is not None]
     return [p[0] for p in points], [p[1] for p in points]
 
 
 def plot_training_curves(results: dict[str, Any], path: str) -> None:
-    """Three panels against epoch: returns (train and eval, pre/post adaptation), eval success, meta-loss.
+    """Three panels against env steps: returns (train and eval, pre/post adaptation), success rates
+    (the official protocol's in black), meta-loss.
 
     Drawn on a bare :class:`Figure` (no pyplot): no global state, no display needed. Written atomically.
     """
@@ -29,16 +33,20 @@ def plot_training_curves(results: dict[str, Any], path: str) -> None:
         returns.plot(*_series(train, key), style, color="tab:blue", label=label)
     for key, marker, label in (("pre_adaptation_return", "s", "eval pre"), ("post_adaptation_return", "o", "eval post")):
         returns.plot(*_series(evaluation, key), marker=marker, linestyle=":", color="tab:orange", label=label)
-    returns.set(title="Return (pre/post adaptation)", xlabel="epoch", ylabel="mean episode return")
+    returns.set(title="Return (pre/post adaptation)", xlabel=STEPS, ylabel="mean episode return")
 
     for key, marker, label in (("pre_adaptation_success", "s", "eval pre"), ("post_adaptation_success", "o", "eval post")):
         success.plot(*_series(evaluation, key), marker=marker, color="tab:green", linestyle="--" if "pre" in key else "-", label=label)
     for key, style, label in (("post_adaptation_success", "-", "train post"),):
         success.plot(*_series(train, key), style, color="tab:gray", alpha=0.6, label=label)
-    success.set(title="Success rate", xlabel="epoch", ylabel="fraction of episodes", ylim=(-0.05, 1.05))
+    protocol = results.get("protocol", [])
+    if protocol:
+        name = protocol[-1].get("counts", {}).get("protocol", "")
+        success.plot(*_series(protocol, "success_rate"), marker="D", color="black", label=f"metaworld eval ({name})")
+    success.set(title="Success rate", xlabel=STEPS, ylabel="fraction of episodes", ylim=(-0.05, 1.05))
 
     loss.plot(*_series(train, "meta_loss"), color="tab:red", label="meta-loss")
-    loss.set(title="Meta-loss (first PPO epoch)", xlabel="epoch", ylabel="loss")
+    loss.set(title="Meta-loss (first PPO epoch)", xlabel=STEPS, ylabel="loss")
 
     for axes in (returns, success, loss):
         axes.grid(alpha=0.3)

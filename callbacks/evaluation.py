@@ -19,13 +19,14 @@ forbid the inner update: the evaluation steps out of it explicitly.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
+from callbacks.results import ResultsWriter
 from metarl_lightning.evaluation import evaluate_meta_learning, evaluate_multi_task
 
 log = logging.getLogger(__name__)
@@ -37,45 +38,80 @@ class MetaWorldEvaluation(Callback):
     The benchmark, its ``env_name``, seed, episode length, fast-env and one-hot settings come from
     the trainer's data module, so evaluation sees exactly the benchmark training used.
 
+    ``protocol: official`` runs the counts published numbers use and ignores the count arguments:
+    ML: every test goal once (``num_evals`` = 50 goals per test class, one env per class), 10
+    adaptation episodes, 1 adaptation step, 3 evaluation episodes; MT: 50 evaluation episodes per
+    class; 500-step episodes for both. ``protocol: custom`` uses the arguments (quick runs).
+
     Args:
         every_n_epochs: evaluate after every n-th training epoch; 0 never during ``fit``.
-        num_evals: ML only: test goals per test class (metaworld's default is 10).
+        protocol: ``official`` (published counts, above) or ``custom`` (the counts below).
+        num_evals: ML only: rounds of test goals per test class (metaworld's default is 10);
+            ``null``: every test goal once.
         adaptation_episodes: ML only: episodes per task collected before the inner update.
         evaluation_episodes: episodes per task after adaptation (ML) or per class (MT).
         max_episode_steps: episode length; ``null``: the data module's ``max_episode_steps``.
+        envs_per_class: ML only: test goals adapted to in parallel per class. More than 1 is faster
+            but overstates success under metaworld's counting (docs/results.md, "Protocol").
         on_validate: also evaluate at the end of the ``validate`` subcommand.
         on_test: also evaluate at the end of the ``test`` subcommand.
     """
 
+    OFFICIAL_ML = {"num_evals": None, "adaptation_episodes": 10, "evaluation_episodes": 3, "envs_per_class": 1}
+    OFFICIAL_MT_EPISODES = 50
+    OFFICIAL_EPISODE_STEPS = 500
+
     def __init__(
         self,
         every_n_epochs: int = 1,
-        num_evals: int = 10,
+        protocol: Literal["official", "custom"] = "custom",
+        num_evals: int | None = 10,
         adaptation_episodes: int = 10,
         evaluation_episodes: int = 3,
         max_episode_steps: int | None = None,
+        envs_per_class: int = 1,
         on_validate: bool = True,
         on_test: bool = True,
     ) -> None:
+        if protocol not in ("official", "custom"):
+            raise ValueError(f"MetaWorldEvaluation.protocol: must be 'official' or 'custom', got {protocol!r}")
         for name, value, low in (
             ("every_n_epochs", every_n_epochs, 0),
-            ("num_evals", num_evals, 1),
+            ("num_evals", 1 if num_evals is None else num_evals, 1),
             ("adaptation_episodes", adaptation_episodes, 1),
             ("evaluation_episodes", evaluation_episodes, 1),
+            ("envs_per_class", envs_per_class, 1),
         ):
             if value < low:
                 raise ValueError(f"MetaWorldEvaluation.{name}: must be >= {low}, got {value}")
         if max_episode_steps is not None and max_episode_steps < 1:
             raise ValueError(f"MetaWorldEvaluation.max_episode_steps: must be >= 1 or null, got {max_episode_steps}")
         self.every_n_epochs = every_n_epochs
+        self.protocol = protocol
         self.num_evals = num_evals
         self.adaptation_episodes = adaptation_episodes
         self.evaluation_episodes = evaluation_episodes
         self.max_episode_steps = max_episode_steps
+        self.envs_per_class = envs_per_class
         self.on_validate = on_validate
         self.on_test = on_test
         self._skip_noted = False
         self.last_result: dict[str, Any] | None = None
+
+    def counts(self, benchmark_name: str, data_episode_steps: int | None) -> dict[str, Any]:
+        """The protocol's counts for ``benchmark_name`` (what is run and what is recorded with it)."""
+        official = self.protocol == "official"
+        steps = self.OFFICIAL_EPISODE_STEPS if official else (self.max_episode_steps or data_episode_steps)
+        if benchmark_name.startswith("ML"):
+            ml = self.OFFICIAL_ML if official else {
+                "num_evals": self.num_evals,
+                "adaptation_episodes": self.adaptation_episodes,
+                "evaluation_episodes": self.evaluation_episodes,
+                "envs_per_class": self.envs_per_class,
+            }
+            return {"protocol": self.protocol, **ml, "max_episode_steps": steps}
+        episodes = self.OFFICIAL_MT_EPISODES if official else self.evaluation_episodes
+        return {"protocol": self.protocol, "evaluation_episodes": episodes, "max_episode_steps": steps}
 
     # ------------------------------------------------------------------------------------ hooks
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -107,7 +143,7 @@ class MetaWorldEvaluation(Callback):
             "benchmark_name": benchmark,
             "env_name": getattr(dm, "env_name", None),
             "seed": int(getattr(dm, "seed", 0)),
-            "max_episode_steps": self.max_episode_steps or getattr(dm, "max_episode_steps", None),
+            **self.counts(benchmark, getattr(dm, "max_episode_steps", None)),
             "fast": bool(getattr(dm, "fast_envs", True)),
             "cache_dir": getattr(dm, "benchmark_cache_dir", None),
             "one_hot": bool(getattr(dm, "task_one_hot", False)),
@@ -124,13 +160,14 @@ class MetaWorldEvaluation(Callback):
                 if settings["benchmark_name"].startswith("ML"):
                     return evaluate_meta_learning(
                         pl_module,
-                        num_evals=self.num_evals,
-                        adaptation_episodes=self.adaptation_episodes,
-                        evaluation_episodes=self.evaluation_episodes,
+                        num_evals=settings["num_evals"],
+                        adaptation_episodes=settings["adaptation_episodes"],
+                        evaluation_episodes=settings["evaluation_episodes"],
+                        envs_per_class=settings["envs_per_class"],
                         **common,
                     )
                 return evaluate_multi_task(
-                    pl_module, num_episodes=self.evaluation_episodes, task_one_hot=settings["one_hot"], **common
+                    pl_module, num_episodes=settings["evaluation_episodes"], task_one_hot=settings["one_hot"], **common
                 )
         finally:
             pl_module.train(was_training)
@@ -144,8 +181,15 @@ class MetaWorldEvaluation(Callback):
             # Every rank is here (Lightning calls callback hooks on all ranks): no deadlock.
             result = trainer.strategy.broadcast(result, src=0)
         assert result is not None
+        counts = {k: v for k, v in settings.items() if k in ("protocol", "num_evals", "adaptation_episodes", "evaluation_episodes", "envs_per_class", "max_episode_steps")}
+        result = {**result, "counts": counts}
         self.last_result = result
         metrics = {"eval/success_rate": result["success_rate"], "eval/return": result["return"]}
         metrics.update({f"eval/success/{task}": rate for task, rate in result["success_per_task"].items()})
         # Identical on every rank after the broadcast: no sync needed.
         pl_module.log_dict({k: float(v) for k, v in metrics.items()}, on_step=False, on_epoch=True, sync_dist=False)
+        if trainer.state.fn == TrainerFn.FITTING:
+            # The results writer keeps the curve (results.json, training_curves.png, per-task table).
+            for callback in trainer.callbacks:
+                if isinstance(callback, ResultsWriter):
+                    callback.record_protocol_evaluation(trainer, pl_module, result)

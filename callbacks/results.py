@@ -19,11 +19,19 @@ fit's files).
                      value_loss, entropy
     eval             one entry per evaluation: epoch, step, env_steps and
                      pre/post_adaptation_return, pre/post_adaptation_success
+    protocol         one entry per official-protocol evaluation (callbacks.evaluation): epoch,
+                     step, env_steps, success_rate, return, success_per_task {class: rate} and
+                     the counts it ran with (protocol, num_evals, adaptation/evaluation episodes,
+                     envs_per_class, max_episode_steps)
+
+``eval_per_task.csv`` holds the per-class table of every protocol evaluation (epoch, env_steps,
+class, success_rate), also uploaded to MLflow.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import time
 from typing import Any
@@ -32,13 +40,14 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from callbacks.atomic_io import write_json_atomic
+from callbacks.atomic_io import write_atomic, write_json_atomic
 from callbacks.curves import plot_training_curves
 from callbacks.mlflow_run import mlflow_loggers
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
 CURVES_FILE = "training_curves.png"
+PER_TASK_FILE = "eval_per_task.csv"
 TRAIN_KEYS = (
     "pre_adaptation_return",
     "post_adaptation_return",
@@ -71,6 +80,7 @@ class ResultsWriter(Callback):
         self.config: dict[str, Any] | None = None
         self.train: list[dict[str, Any]] = []
         self.eval: list[dict[str, Any]] = []
+        self.protocol: list[dict[str, Any]] = []
         self._wall_before = 0.0  # training seconds of earlier processes of this run (from the checkpoint)
         self._started: float | None = None
 
@@ -84,11 +94,12 @@ class ResultsWriter(Callback):
 
     # ---------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        return {"train": self.train, "eval": self.eval, "wall_time_s": self._wall_time()}
+        return {"train": self.train, "eval": self.eval, "protocol": self.protocol, "wall_time_s": self._wall_time()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train = list(state_dict["train"])
         self.eval = list(state_dict["eval"])
+        self.protocol = list(state_dict.get("protocol", []))  # absent in checkpoints before it existed
         self._wall_before = float(state_dict["wall_time_s"])
 
     def _wall_time(self) -> float:
@@ -132,6 +143,14 @@ class ResultsWriter(Callback):
         self.eval.append(entry)
         self._refresh(trainer, pl_module, "running")
 
+    def record_protocol_evaluation(self, trainer: L.Trainer, pl_module: L.LightningModule, result: dict[str, Any]) -> None:
+        """Append an official-protocol result of ``fit`` (called by the evaluation callback) and refresh."""
+        entry: dict[str, Any] = self._position(trainer, pl_module)
+        entry["wall_time_s"] = round(self._wall_time(), 3)
+        entry.update({k: result[k] for k in ("success_rate", "return", "success_per_task", "counts")})
+        self.protocol.append(entry)
+        self._refresh(trainer, pl_module, "running")
+
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """``test``: write ``test_results.json``."""
         self._write_stage_results(trainer, "test", "test")
@@ -170,6 +189,7 @@ class ResultsWriter(Callback):
             "wall_time_s": round(self._wall_time(), 3),
             "train": self.train,
             "eval": self.eval,
+            "protocol": self.protocol,
         }
 
     def _refresh(self, trainer: L.Trainer, pl_module: L.LightningModule, status: str) -> None:
@@ -180,13 +200,18 @@ class ResultsWriter(Callback):
         write_json_atomic(paths[0], payload)
         if self.plot:
             paths.append(os.path.join(trainer.default_root_dir, CURVES_FILE))
-            plot_training_curves(payload, paths[1])
+            plot_training_curves(payload, paths[-1])
+        if self.protocol:
+            paths.append(os.path.join(trainer.default_root_dir, PER_TASK_FILE))
+            write_atomic(paths[-1], lambda temporary: _write_per_task_csv(self.protocol, temporary))
         self._upload(trainer, paths)
 
     def _write_stage_results(self, trainer: L.Trainer, stage: str, prefix: str) -> None:
         if not trainer.is_global_zero:
             return
         metrics = {k: _scalar(trainer.callback_metrics, f"{prefix}/{k}") for k in EVAL_KEYS}
+        # The official protocol of this stage, when an evaluation callback ran it.
+        protocol = [cb.last_result for cb in trainer.callbacks if getattr(cb, "last_result", None) is not None]
         payload = {
             "schema_version": SCHEMA_VERSION,
             "stage": stage,
@@ -194,6 +219,7 @@ class ResultsWriter(Callback):
             "config": self.config,
             "mlflow": self._mlflow(trainer),
             "metrics": metrics,
+            "protocol": protocol[0] if protocol else None,
         }
         path = os.path.join(trainer.default_root_dir, f"{stage}_results.json")
         write_json_atomic(path, payload)
@@ -204,3 +230,13 @@ class ResultsWriter(Callback):
             for logger in mlflow_loggers(trainer):
                 for path in paths:
                     logger.experiment.log_artifact(logger.run_id, path)
+
+
+def _write_per_task_csv(entries: list[dict[str, Any]], path: str) -> None:
+    """One row per (evaluation, class): ``epoch,env_steps,class,success_rate``."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["epoch", "env_steps", "class", "success_rate"])
+        for entry in entries:
+            for name, rate in entry["success_per_task"].items():
+                writer.writerow([entry["epoch"], entry["env_steps"], name, rate])

@@ -20,6 +20,8 @@ goals run in parallel), and ``num_goals``/``max_episode_steps`` can shrink a run
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -45,8 +47,9 @@ def make_eval_envs(
     max_episode_steps: int | None = None,
     num_goals: int | None = None,
     fast: bool = True,
+    envs_per_class: int = 1,
 ) -> gym.vector.SyncVectorEnv:
-    """The vector env metaworld's evaluation functions expect: one env per class of ``split``.
+    """The vector env metaworld's evaluation functions expect: ``envs_per_class`` envs per class.
 
     ML benchmarks get metaworld's ML-test settings (pseudo-random goal order, advanced only by
     ``sample_tasks``; goal hidden by the tasks themselves); MT benchmarks its MT settings (a random
@@ -59,25 +62,33 @@ def make_eval_envs(
         max_episode_steps: time limit; ``None`` keeps Meta-World's 500.
         num_goals: use only the first ``num_goals`` goals of each class (quick runs).
         fast: use the fast simulator classes when verified.
+        envs_per_class: envs per class; env ``i`` of a class holds goals ``i, i + n, i + 2n, ...``
+            (metaworld's own split, ``tasks[i::n]``), so one ``sample_tasks`` runs ``n`` distinct goals
+            of every class at once. More envs per class batch more work per policy call.
     """
+    if envs_per_class < 1:
+        raise ValueError(f"envs_per_class: must be >= 1, got {envs_per_class}")
     tasks_by_class = benchmark.tasks(split)
     meta_learning = benchmark.is_meta_learning
     factories = []
     for name in benchmark.classes(split):
         tasks = list(tasks_by_class[name])[:num_goals] if num_goals else list(tasks_by_class[name])
-        factories.append(
+        if len(tasks) < envs_per_class:
+            raise ValueError(f"envs_per_class: {envs_per_class} exceeds the {len(tasks)} goals of {name}")
+        factories.extend(
             partial(
                 # Private, but it *is* the wrapper stack of make_mt_envs/make_ml_envs; reusing it keeps
                 # infos["final_info"]["episode"] and the toggles the protocol calls identical.
                 metaworld._init_each_env,
                 env_cls=env_class(name, fast),
-                tasks=tasks,
+                tasks=tasks[i::envs_per_class],
                 seed=seed,
                 max_episode_steps=max_episode_steps,
                 terminate_on_success=meta_learning,
                 task_select="pseudorandom" if meta_learning else "random",
                 reward_function_version=benchmark.reward_function_version,
             )
+            for i in range(envs_per_class)
         )
     # SAME_STEP autoreset: the protocol reads infos["final_info"] on the step an episode ends.
     return gym.vector.SyncVectorEnv(factories, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
@@ -143,12 +154,14 @@ class MetaWorldAgent:
         if self._acting is None:
             # The policy's acting step for the current parameters (one env per agent), as in the
             # collector; rebuilt whenever the parameters change (init, adapt).
-            self._acting = self.policy.acting_step(self.params, K, 1)
+            # The critic runs only while its values feed the adaptation's advantages.
+            self._acting = self.policy.acting_step(self.params, K, 1, with_values=self._with_values)
             self.state = self._acting.initial_state()
         out = self._acting(obs.reshape(K, 1, -1), self.state, self.pending_reset.reshape(K, 1))
         self.state = out.state
         self.pending_reset = torch.zeros(K, dtype=torch.bool, device=self.device)
-        return out.mean[:, 0], out.log_std.expand_as(out.mean)[:, 0], out.value[:, 0]
+        value = out.value[:, 0] if out.value is not None else torch.zeros(K, dtype=out.mean.dtype, device=self.device)
+        return out.mean[:, 0], out.log_std.expand_as(out.mean)[:, 0], value
 
     # -------------------------------------------------------------------------------- protocol
     def init(self) -> None:
@@ -156,6 +169,7 @@ class MetaWorldAgent:
         theta = {k: v.detach() for k, v in self.policy.named_parameters()}
         self.params = stack_for_agents(theta, self.num_envs)
         self._acting: ActingStep | None = None  # built from self.params at the first step
+        self._with_values = self.module.hparams.get("baseline", "critic") == "critic"
         self.pending_reset = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
         self.buffer: dict[str, list[torch.Tensor]] = {}
 
@@ -227,7 +241,7 @@ class MetaWorldAgent:
             episode_success=torch.zeros(K, device=self.device),
             **data,
         )
-        rollout.compute_advantages(self.module.hparams.gamma, self.module.hparams.gae_lambda, self.module.reward_scale)
+        self.module.compute_advantages(rollout)
         return rollout
 
     def adapt(self) -> None:
@@ -238,8 +252,22 @@ class MetaWorldAgent:
             adapted = self.module._adapt(leaf, rollout, first_order=True)
         self.params = {k: v.detach() for k, v in adapted.items()}
         self._acting = None
+        self._with_values = False  # evaluation acts with the mean only
         self.buffer = {}
         self.pending_reset = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Evaluate on one torch thread: the policy calls are tiny (one env per class) and alternate
+    with in-process env steps, so a second thread only adds synchronisation, and beside another
+    busy process it stalls every small matmul (an ML1 evaluation ran ~7x slower that way)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _summary(success_rate: float, mean_return: float, per_task: dict[str, float]) -> dict[str, Any]:
@@ -278,28 +306,37 @@ def evaluate_meta_learning(
     benchmark_name: str,
     env_name: str | None = None,
     seed: int = 0,
-    num_evals: int = 10,
+    num_evals: int | None = 10,
     adaptation_episodes: int = 10,
     evaluation_episodes: int = 3,
     max_episode_steps: int | None = None,
     adaptation_steps: int = 1,
     fast: bool = True,
     cache_dir: str | None = None,
+    envs_per_class: int = 1,
 ) -> dict[str, Any]:
     """Official ML protocol on the test split: adapt to ``num_evals`` goals per test class, then evaluate.
+
+    With ``envs_per_class`` n, every round adapts to n goals per class at once and ``num_evals``
+    counts rounds (n x num_evals goals per class). Beware: metaworld's ``evaluation`` keeps the
+    first ``evaluation_episodes`` episodes *per class* to finish, and with terminate-on-success the
+    successful ones finish first, so n > 1 overstates the success rate (docs/results.md); the
+    default (and ``protocol: official`` of the callback) is n = 1, every goal counted.
 
     Args:
         module: a :class:`MetaRLModule`.
         benchmark_name: ``ML1``, ``ML10`` or ``ML45``.
         env_name: the environment of ML1.
         seed: benchmark (goal generation) and simulator seed: the training seed gives the same split.
-        num_evals: goals evaluated per test class (metaworld's default 10; fewer for quick runs).
+        num_evals: rounds of goals per test class (metaworld's default 10; fewer for quick runs);
+            ``None``: every test goal once (the published protocol: 50 goals per class).
         adaptation_episodes: episodes per env collected before the inner update.
         evaluation_episodes: deterministic episodes per env after adaptation.
         max_episode_steps: episode length (``None``: 500).
         adaptation_steps: collect-then-adapt rounds (metaworld: 1).
         fast: fast simulator classes when verified.
         cache_dir: benchmark cache folder (``None``: default).
+        envs_per_class: envs per test class (see above).
 
     Returns:
         ``{"success_rate", "return", "success_per_task": {class: rate}}``.
@@ -308,10 +345,12 @@ def evaluate_meta_learning(
     if not bench.is_meta_learning:
         raise ValueError(f"benchmark: {benchmark_name} is not a meta-learning benchmark; use evaluate_multi_task")
     # All goals: the pseudo-random task wrapper shuffles them and walks num_evals distinct ones.
-    envs = make_eval_envs(bench, "test", seed, max_episode_steps, fast=fast)
+    envs = make_eval_envs(bench, "test", seed, max_episode_steps, fast=fast, envs_per_class=envs_per_class)
+    if num_evals is None:
+        num_evals = min(len(goals) for goals in bench.tasks("test").values()) // envs_per_class
     try:
         agent = MetaWorldAgent(module, envs.num_envs, seed=seed)
-        with torch.no_grad():
+        with torch.no_grad(), _one_torch_thread():
             return run_meta_learning(agent, envs, num_evals, adaptation_episodes, evaluation_episodes, adaptation_steps)
     finally:
         envs.close()
@@ -353,7 +392,7 @@ def evaluate_multi_task(
         suffix[np.arange(envs.num_envs), [index[c] for c in bench.classes("test")]] = 1.0
     try:
         agent = MetaWorldAgent(module, envs.num_envs, observation_suffix=suffix, seed=seed)
-        with torch.no_grad():
+        with torch.no_grad(), _one_torch_thread():
             return run_multi_task(agent, envs, num_episodes)
     finally:
         envs.close()

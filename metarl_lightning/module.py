@@ -16,11 +16,13 @@ exist inside the step.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
+from torch import nn
 
 from metarl_lightning.algorithms.maml import inner_update, stack_for_agents
 from metarl_lightning.algorithms.ppo import PPOLoss
@@ -28,7 +30,12 @@ from metarl_lightning.errors import require
 from metarl_lightning.meta_batch import MetaBatch
 from metarl_lightning.objectives import PPOSettings, agents_ppo_loss
 from metarl_lightning.policies.base import ActorCritic
-from metarl_lightning.rollouts import Rollout, RolloutCollector
+from metarl_lightning.rollouts import BaselineKind, Rollout, RolloutCollector
+
+
+def _key(parameter_name: str) -> str:
+    """A policy parameter's name as a ``ParameterDict`` key (no dots allowed there)."""
+    return parameter_name.replace(".", "__")
 
 
 class MetaRLModule(L.LightningModule):
@@ -58,6 +65,17 @@ class MetaRLModule(L.LightningModule):
         target_kl: stop the outer PPO epochs of an iteration once the approximate KL between the
             acting (adapted) policy and the current one exceeds ``1.5 * target_kl`` (``null``: always
             run ``ppo_epochs``), as in Stable-Baselines3's PPO.
+        inner_parameters: what the inner step adapts: ``all`` (every parameter, but the SSM group
+            unless ``adapt_ssm_parameters``) or ``head`` (the action head and log-std only, ANIL,
+            Raghu et al. 2020; the body is meta-learned in the outer loop alone).
+        learn_inner_lr: Meta-SGD (Li et al. 2017): meta-learn one inner step size per adapted
+            parameter element, starting at ``inner_lr`` (kept positive as ``exp`` of a log step, with
+            the optimiser's ``meta_lr`` and no weight decay).
+        baseline: what GAE subtracts, in the inner and the outer loss alike: ``critic`` (the policy's
+            meta-learned value head) or ``linear`` (a linear feature baseline fitted by least squares
+            on each task's own rollouts, the reference MAML recipe: a meta-learned critic cannot know
+            a hidden goal before adaptation, a baseline fitted on the task's data can). The critic is
+            trained in either case.
         adapt_ssm_parameters: also adapt the SSM group (Lambda, log-step, B) in the inner loop. Off
             by default: they are meta-learned in the outer loop only (one inner step on the state
             matrix's eigenvalues changes the dynamics of every time step at once); the SSM runs
@@ -84,6 +102,9 @@ class MetaRLModule(L.LightningModule):
         reward_scale: float = 1.0,
         target_kl: float | None = None,
         adapt_ssm_parameters: bool = False,
+        baseline: BaselineKind = "critic",
+        inner_parameters: Literal["all", "head"] = "all",
+        learn_inner_lr: bool = False,
     ) -> None:
         super().__init__()
         require(meta_lr > 0, "model.meta_lr", f"must be > 0, got {meta_lr}")
@@ -99,12 +120,20 @@ class MetaRLModule(L.LightningModule):
         require(ssm_lr is None or ssm_lr > 0, "model.ssm_lr", f"must be > 0 or null, got {ssm_lr}")
         require(reward_scale > 0, "model.reward_scale", f"must be > 0, got {reward_scale}")
         require(target_kl is None or target_kl > 0, "model.target_kl", f"must be > 0 or null, got {target_kl}")
+        require(baseline in ("critic", "linear"), "model.baseline", f"must be 'critic' or 'linear', got {baseline!r}")
         require(weight_decay >= 0, "model.weight_decay", f"must be >= 0, got {weight_decay}")
         self.save_hyperparameters(ignore=["policy"])
         self.automatic_optimization = False
         self.policy = policy
         self.reward_scale = reward_scale
         self.ppo = PPOSettings(clip_epsilon, value_coef, entropy_coef, value_clip_epsilon)
+        require(inner_parameters in ("all", "head"), "model.inner_parameters", f"must be 'all' or 'head', got {inner_parameters!r}")
+        require(not learn_inner_lr or inner_lr > 0, "model.inner_lr", f"must be > 0 with learn_inner_lr, got {inner_lr}")
+        self.inner_log_lrs = nn.ParameterDict()
+        if learn_inner_lr:
+            named = dict(self.policy.named_parameters())
+            for name in sorted(self._adapted_names()):
+                self.inner_log_lrs[_key(name)] = nn.Parameter(torch.full_like(named[name].detach(), math.log(inner_lr)))
         # Counted here (not derived) so it survives resume and changes of the rollout size.
         self.register_buffer("env_steps", torch.zeros((), dtype=torch.long), persistent=True)
 
@@ -125,7 +154,15 @@ class MetaRLModule(L.LightningModule):
                     "weight_decay": 0.0 if is_ssm else self.hparams.weight_decay,
                 }
             )
+        if len(self.inner_log_lrs):
+            groups.append({"name": "inner_lr", "params": list(self.inner_log_lrs.values()), "lr": self.hparams.meta_lr, "weight_decay": 0.0})
         return torch.optim.AdamW(groups, lr=self.hparams.meta_lr)
+
+    def inner_step_sizes(self) -> float | dict[str, torch.Tensor]:
+        """The inner step: ``inner_lr``, or the learned per-element step sizes (Meta-SGD)."""
+        if not len(self.inner_log_lrs):
+            return self.hparams.inner_lr
+        return {name: self.inner_log_lrs[_key(name)].exp() for name in self._adapted_names()}
 
     # ----------------------------------------------------------------------------------- the step
     def _meta_parameters(self) -> dict[str, torch.Tensor]:
@@ -136,6 +173,8 @@ class MetaRLModule(L.LightningModule):
         names = {n for group in groups.values() for n in group}
         if not self.hparams.adapt_ssm_parameters:
             names -= set(groups.get("ssm", []))
+        if self.hparams.get("inner_parameters", "all") == "head":
+            names &= set(self.policy.action_head_names())
         return names
 
     def _adapt(self, params: dict[str, torch.Tensor], support: Rollout, first_order: bool) -> dict[str, torch.Tensor]:
@@ -153,15 +192,20 @@ class MetaRLModule(L.LightningModule):
             return num_agents * (loss.policy - self.ppo.entropy_coef * loss.entropy)
 
         adaptable = {k: v for k, v in params.items() if k in adapted_names}
-        adapted = inner_update(adaptable, inner_loss, self.hparams.inner_lr, self.hparams.inner_steps, first_order)
+        adapted = inner_update(adaptable, inner_loss, self.inner_step_sizes(), self.hparams.inner_steps, first_order)
         return {**fixed, **adapted}
 
     def _collect(self, collector: RolloutCollector, params: dict[str, torch.Tensor] | None, noise: torch.Tensor, num_steps: int) -> Rollout:
         """Roll out with per-agent ``params`` (``None``: all agents act with theta) and add GAE."""
         detached = None if params is None else {k: v.detach() for k, v in params.items()}
         rollout = collector.collect(self.policy, detached, num_steps, noise)
-        rollout.compute_advantages(self.hparams.gamma, self.hparams.gae_lambda, self.reward_scale)
+        self.compute_advantages(rollout)
         return rollout
+
+    def compute_advantages(self, rollout: Rollout) -> None:
+        """GAE with the module's gamma, lambda, reward scale and baseline (training and evaluation)."""
+        hp = self.hparams
+        rollout.compute_advantages(hp.gamma, hp.gae_lambda, self.reward_scale, hp.get("baseline", "critic"))
 
     def adapt_and_collect(self, batch: MetaBatch, collector: RolloutCollector, num_steps: int) -> tuple[Rollout, Rollout]:
         """Support rollouts with theta, per-agent adaptation, query rollouts with theta_k'.
@@ -244,7 +288,7 @@ class MetaRLModule(L.LightningModule):
         """Average the meta-gradient over ranks with one flattened all-reduce."""
         if self.trainer.world_size <= 1:
             return
-        params = [p for p in self.policy.parameters() if p.requires_grad]
+        params = [p for p in self.parameters() if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
@@ -270,7 +314,7 @@ class MetaRLModule(L.LightningModule):
         return bool(kl > 1.5 * target)
 
     def _clip_gradients(self) -> torch.Tensor:
-        params = [p for p in self.policy.parameters() if p.grad is not None]
+        params = [p for p in self.parameters() if p.grad is not None]
         max_norm = self.hparams.max_grad_norm
         if max_norm is None:
             return torch.norm(torch.stack([p.grad.norm() for p in params]))

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from metarl_lightning.algorithms.baselines import linear_baseline_values
 from metarl_lightning.algorithms.gae import generalized_advantage_estimate
 from metarl_lightning.algorithms.ppo import LOG_SQRT_2PI
 from metarl_lightning.algorithms.ppo import normalize_advantages
@@ -25,6 +26,7 @@ from metarl_lightning.policies.acting import ActingStep
 from metarl_lightning.rollout_values import rollout_values
 
 ResetMode = Literal["episode", "trial"]
+BaselineKind = Literal["critic", "linear"]
 
 
 @dataclass
@@ -68,14 +70,23 @@ class Rollout:
         """Environment steps in this rollout (``K * E * T``)."""
         return self.rewards.numel()
 
-    def compute_advantages(self, gamma: float, gae_lambda: float, reward_scale: float = 1.0) -> None:
+    def compute_advantages(
+        self, gamma: float, gae_lambda: float, reward_scale: float = 1.0, baseline: BaselineKind = "critic"
+    ) -> None:
         """Fill ``advantages`` and ``returns`` with GAE over the time dimension.
 
         ``reward_scale`` multiplies the rewards first, so the value function learns scaled returns
-        (``episode_return`` stays in the env's units).
+        (``episode_return`` stays in the env's units). ``baseline`` picks the values GAE subtracts:
+        the policy's critic as recorded while acting, or a linear feature baseline fitted on each
+        agent's own rollout (:mod:`~metarl_lightning.algorithms.baselines`).
         """
+        rewards = self.rewards * reward_scale
+        if baseline == "linear":
+            values, next_values = linear_baseline_values(self.observations, rewards, self.terminated, self.truncated, gamma)
+        else:
+            values, next_values = self.values, self.next_values
         self.advantages, self.returns = generalized_advantage_estimate(
-            self.rewards * reward_scale, self.values, self.next_values, self.terminated, self.truncated, gamma, gae_lambda
+            rewards, values, next_values, self.terminated, self.truncated, gamma, gae_lambda
         )
 
     def normalized_advantages(self, eps: float = 1e-8) -> torch.Tensor:

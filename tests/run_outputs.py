@@ -82,11 +82,14 @@ _TOP = {
     "wall_time_s": _NUMBER,
     "train": list,
     "eval": list,
+    "protocol": list,
 }
 _RETURNS = ("pre_adaptation_return", "post_adaptation_return")
 _SUCCESS = ("pre_adaptation_success", "post_adaptation_success")
 _TRAIN_ENTRY = {"epoch": int, "step": int, "env_steps": int, "wall_time_s": _NUMBER, **{k: _NUMBER for k in (*_RETURNS, *_SUCCESS, "meta_loss", "policy_loss", "value_loss", "entropy")}}
 _EVAL_ENTRY = {"epoch": int, "step": int, "env_steps": int, **{k: _NUMBER for k in (*_RETURNS, *_SUCCESS)}}
+_PROTOCOL_ENTRY = {"epoch": int, "step": int, "env_steps": int, "wall_time_s": _NUMBER, "success_rate": _NUMBER,
+                   "return": _NUMBER, "success_per_task": dict, "counts": dict}
 
 
 def _check_fields(obj: dict[str, Any], schema: dict[str, Any], where: str) -> None:
@@ -111,6 +114,9 @@ def validate_results(results: dict[str, Any]) -> None:
     for i, entry in enumerate(results["eval"]):
         _check_fields(entry, _EVAL_ENTRY, f"eval[{i}]")
         assert all(0.0 <= entry[k] <= 1.0 for k in _SUCCESS)
+    for i, entry in enumerate(results["protocol"]):
+        _check_fields(entry, _PROTOCOL_ENTRY, f"protocol[{i}]")
+        assert 0.0 <= entry["success_rate"] <= 1.0 and entry["counts"]["protocol"] in ("official", "custom")
     env_steps = [e["env_steps"] for e in results["train"]]
     assert env_steps == sorted(env_steps) and (not env_steps or env_steps[-1] == results["env_steps"])
 

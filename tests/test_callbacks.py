@@ -22,6 +22,7 @@ from callbacks.checkpointing import RunCheckpoint
 from callbacks.curves import plot_training_curves
 from callbacks.mlflow_run import mark_stale_run
 from callbacks.progress import format_metrics, human_rate
+from callbacks.results import ResultsWriter
 from tests.run_outputs import check_plot, validate_results
 
 
@@ -82,6 +83,13 @@ def _payload(epochs: int = 6) -> dict:
         "schema_version": 1, "status": "finished", "config": {"trainer": {}, "model": {}, "data": {"benchmark": "nav2d"}},
         "mlflow": {"run_id": "abc", "tracking_uri": "sqlite:///mlflow.db"}, "epochs_completed": epochs,
         "env_steps": 160 * epochs, "wall_time_s": 3.0, "train": train, "eval": evaluation,
+        "protocol": [
+            {"epoch": e, "step": e, "env_steps": 160 * (e + 1), "wall_time_s": 0.5 * (e + 1), "success_rate": 0.1 * e,
+             "return": 100.0 * e, "success_per_task": {"reach-v3": 0.1 * e},
+             "counts": {"protocol": "custom", "num_evals": 2, "adaptation_episodes": 1, "evaluation_episodes": 1,
+                        "envs_per_class": 1, "max_episode_steps": 20}}
+            for e in (2, 5)
+        ],
     }  # fmt: skip
 
 
@@ -124,3 +132,25 @@ def test_stale_run_of_a_dead_process_is_marked_killed(tmp_path: Path) -> None:
     assert mark_stale_run(marker(dead_run, dead_pid), current_run_id="another") == dead_run
     assert client.get_run(dead_run).info.status == "KILLED"
     assert client.get_run(live_run).info.status == "RUNNING"
+
+
+def test_protocol_evaluations_go_to_results_and_the_per_task_table(tmp_path: Path) -> None:
+    writer = ResultsWriter(plot=False, log_to_mlflow=False)
+    writer.set_run_config({"trainer": {}, "model": {}, "data": {"benchmark": "ML10"}})
+    trainer = SimpleNamespace(
+        is_global_zero=True, default_root_dir=str(tmp_path), current_epoch=3, loggers=[],
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=4)),
+    )
+    module = SimpleNamespace(env_steps=torch.tensor(800_000))
+    result = {"success_rate": 0.4, "return": 1234.5, "success_per_task": {"door-close-v3": 0.8, "lever-pull-v3": 0.0},
+              "counts": {"protocol": "official", "num_evals": None}}
+    writer.record_protocol_evaluation(trainer, module, result)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["status"] == "running"
+    assert [(e["epoch"], e["env_steps"], e["success_rate"]) for e in saved["protocol"]] == [(3, 800_000, 0.4)]
+    rows = (tmp_path / "eval_per_task.csv").read_text().splitlines()
+    assert rows == ["epoch,env_steps,class,success_rate", "3,800000,door-close-v3,0.8", "3,800000,lever-pull-v3,0.0"]
+    # The history is checkpoint state: a resumed run continues the same table.
+    restored = ResultsWriter(plot=False, log_to_mlflow=False)
+    restored.load_state_dict(writer.state_dict())
+    assert restored.protocol == writer.protocol

@@ -19,6 +19,8 @@ import torch
 from metaworld.evaluation import Timestep
 from metaworld.policies import SawyerPushV3Policy, SawyerReachV3Policy
 
+from lightning.pytorch.trainer.states import TrainerFn
+
 from callbacks.evaluation import MetaWorldEvaluation
 from metarl_lightning.envs.benchmarks import make_benchmark
 from metarl_lightning.evaluation import (
@@ -180,7 +182,8 @@ class _LoggingModule(MetaRLModule):
 def _trainer(benchmark: str, env_name: str | None = None) -> SimpleNamespace:
     datamodule = SimpleNamespace(benchmark=benchmark, env_name=env_name, seed=0, max_episode_steps=500,
                                  fast_envs=True, benchmark_cache_dir=None, task_one_hot=False)
-    return SimpleNamespace(datamodule=datamodule, is_global_zero=True, world_size=1, current_epoch=1)
+    return SimpleNamespace(datamodule=datamodule, is_global_zero=True, world_size=1, current_epoch=1,
+                           state=SimpleNamespace(fn=TrainerFn.FITTING), callbacks=[])
 
 
 def test_callback_logs_eval_metrics_and_skips_nav2d() -> None:
@@ -199,3 +202,30 @@ def test_callback_logs_eval_metrics_and_skips_nav2d() -> None:
     assert module.logged == {} and callback._skip_noted
     with pytest.raises(ValueError, match="num_evals"):
         MetaWorldEvaluation(num_evals=0)
+
+
+def test_official_protocol_counts_are_the_published_ones_whatever_the_arguments() -> None:
+    callback = MetaWorldEvaluation(protocol="official", num_evals=2, adaptation_episodes=1, evaluation_episodes=1,
+                                   max_episode_steps=30, envs_per_class=4)
+    assert callback.counts("ML10", data_episode_steps=150) == {
+        "protocol": "official", "num_evals": None, "adaptation_episodes": 10, "evaluation_episodes": 3,
+        "envs_per_class": 1, "max_episode_steps": 500,
+    }
+    assert callback.counts("MT10", data_episode_steps=150) == {"protocol": "official", "evaluation_episodes": 50, "max_episode_steps": 500}
+    custom = MetaWorldEvaluation(num_evals=2, adaptation_episodes=1, evaluation_episodes=1)
+    assert custom.counts("ML1", data_episode_steps=150)["max_episode_steps"] == 150
+    with pytest.raises(ValueError, match="MetaWorldEvaluation.protocol"):
+        MetaWorldEvaluation(protocol="published")
+
+
+def test_eval_envs_split_goals_across_envs_of_a_class_as_metaworld_does() -> None:
+    bench = make_benchmark("ML1", "reach-v3", seed=0)
+    goals = list(bench.tasks("test")["reach-v3"])
+    envs = make_eval_envs(bench, "test", seed=0, max_episode_steps=10, envs_per_class=5)
+    try:
+        held = envs.get_attr("tasks")
+        assert len(held) == 5
+        # Disjoint shares of every goal (order inside a share is the wrapper's shuffle).
+        assert sorted(t.data for share in held for t in share) == sorted(t.data for t in goals)
+    finally:
+        envs.close()

@@ -108,3 +108,42 @@ def test_zero_steps_is_identity_and_negative_is_rejected():
     assert inner_update(params, lambda p: torch.zeros(()), 0.1, 0, False) is params
     with pytest.raises(ValueError, match="inner_steps"):
         inner_update(params, lambda p: torch.zeros(()), 0.1, -1, False)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_learned_step_sizes_get_the_meta_gradient_of_their_definition(first_order):
+    # Meta-SGD: theta' = theta - alpha * g with alpha per element; d outer / d alpha by finite
+    # differences of the whole meta-objective (second order), and -g * grad outer(theta') (first order).
+    model = tiny_policy()
+    inner, outer = make_losses(model)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    gen = torch.Generator().manual_seed(3)
+    alphas = {k: (0.1 + 0.4 * torch.rand(v.shape, generator=gen)).requires_grad_(True) for k, v in params.items()}
+
+    def objective(step_sizes):
+        theta = stack_for_agents({k: v.clone().requires_grad_(True) for k, v in params.items()}, 2)
+        return outer(inner_update(theta, inner, step_sizes, 1, first_order=first_order))
+
+    grads = torch.autograd.grad(objective(alphas), tuple(alphas.values()))
+    eps = 1e-6
+    for (name, alpha), g in zip(alphas.items(), grads):
+        for i in range(0, alpha.numel(), max(1, alpha.numel() // 4)):
+            def at(delta):
+                shifted = {k: v.detach().clone() for k, v in alphas.items()}
+                shifted[name].view(-1)[i] += delta
+                return objective(shifted).item()
+
+            numeric = (at(eps) - at(-eps)) / (2 * eps)
+            # First order: the inner gradient is a constant, which is exactly what the finite
+            # difference in alpha sees too (alpha does not enter g), so both orders match it.
+            assert g.reshape(-1)[i].item() == pytest.approx(numeric, rel=1e-5, abs=1e-9), (name, i)
+
+
+def test_a_uniform_step_size_dict_equals_the_float_step():
+    model = tiny_policy()
+    inner, _ = make_losses(model)
+    theta = stack_for_agents({k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}, 2)
+    by_float = inner_update(theta, inner, 0.3, 2, first_order=False)
+    by_dict = inner_update(theta, inner, {k: torch.full(v.shape[1:], 0.3) for k, v in theta.items()}, 2, first_order=False)
+    for name in by_float:
+        torch.testing.assert_close(by_dict[name], by_float[name])

@@ -1,11 +1,16 @@
 """MetaRLModule behaviour that is not learning: the KL early stop of the outer PPO epochs."""
 
-import pytest
+import math
 
+import lightning as L
+import pytest
+import torch
+
+from metarl_lightning.data import MetaTaskDataModule
 from metarl_lightning.errors import ConfigError
 from metarl_lightning.module import MetaRLModule
 from metarl_lightning.policies import MLPActorCritic
-from tests.helpers import train_nav2d
+from tests.helpers import quiet_trainer, train_nav2d
 
 TINY = dict(meta_batch_size=2, rollouts_per_task=2, max_episode_steps=10)
 
@@ -20,3 +25,29 @@ def test_target_kl_stops_outer_epochs(target_kl, expected_epochs):
 def test_target_kl_must_be_positive():
     with pytest.raises(ConfigError, match="model.target_kl"):
         MetaRLModule(MLPActorCritic(2, 2), target_kl=0.0)
+
+
+def test_head_only_adaptation_adapts_the_action_head_and_log_std_only():
+    module = MetaRLModule(MLPActorCritic(2, 2, hidden_dim=8, num_layers=2), inner_parameters="head")
+    assert module._adapted_names() == {"actor.4.weight", "actor.4.bias", "log_std"}
+    with pytest.raises(ConfigError, match="model.inner_parameters"):
+        MetaRLModule(MLPActorCritic(2, 2), inner_parameters="body")
+
+
+def test_meta_sgd_step_sizes_start_at_inner_lr_and_are_optimised():
+    module = MetaRLModule(MLPActorCritic(2, 2, hidden_dim=8), inner_lr=0.05, learn_inner_lr=True)
+    sizes = module.inner_step_sizes()
+    assert set(sizes) == module._adapted_names()
+    assert all(torch.allclose(v, torch.full_like(v, 0.05)) for v in sizes.values())
+    groups = {g["name"]: g for g in module.configure_optimizers().param_groups}
+    assert {id(p) for p in groups["inner_lr"]["params"]} == {id(p) for p in module.inner_log_lrs.values()}
+    assert groups["inner_lr"]["weight_decay"] == 0.0
+
+
+def test_meta_sgd_step_sizes_move_in_training():
+    torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)
+    module = MetaRLModule(MLPActorCritic(2, 2, hidden_dim=8), inner_lr=0.05, learn_inner_lr=True)
+    quiet_trainer(2, []).fit(module, MetaTaskDataModule("nav2d", seed=0, **TINY))
+    moved = max((v.detach() - math.log(0.05)).abs().max().item() for v in module.inner_log_lrs.values())
+    assert moved > 1e-4

@@ -16,15 +16,21 @@ import torch
 Params = dict[str, torch.Tensor]
 
 
-def sgd_step(params: Params, grads: tuple[torch.Tensor, ...], inner_lr: float) -> Params:
-    """``theta' = theta - inner_lr * grad`` for every entry (same order as ``params``)."""
+def sgd_step(params: Params, grads: tuple[torch.Tensor, ...], inner_lr: float | Params) -> Params:
+    """``theta' = theta - inner_lr * grad`` for every entry (same order as ``params``).
+
+    ``inner_lr`` is one float, or a step size per parameter (Meta-SGD, Li et al. 2017): name ->
+    tensor broadcastable to that parameter (e.g. its own shape against ``[K, *shape]`` stacks).
+    """
+    if isinstance(inner_lr, dict):
+        return {name: p - inner_lr[name] * g for (name, p), g in zip(params.items(), grads)}
     return {name: p - inner_lr * g for (name, p), g in zip(params.items(), grads)}
 
 
 def inner_update(
     params: Params,
     loss_fn: Callable[[Params], torch.Tensor],
-    inner_lr: float,
+    inner_lr: float | Params,
     inner_steps: int,
     first_order: bool,
 ) -> Params:
@@ -38,7 +44,8 @@ def inner_update(
     Args:
         params: name -> tensor; they must require grad (or descend from tensors that do).
         loss_fn: maps a parameter dict to a scalar loss.
-        inner_lr: step size alpha (>= 0).
+        inner_lr: step size alpha (>= 0), or per-parameter step sizes (see :func:`sgd_step`); learned
+            step sizes get their meta-gradient through ``theta' = theta - alpha * g`` in either order.
         inner_steps: number of steps (>= 0; 0 returns ``params`` unchanged).
         first_order: drop second-order terms.
 

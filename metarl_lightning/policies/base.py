@@ -77,6 +77,14 @@ class ActorCritic(nn.Module, abc.ABC):
     # with_values); None: the generic vmap step.
     acting_step_class: ClassVar[Callable[..., Any] | None] = None
 
+    def action_head_names(self) -> list[str]:
+        """Parameters of the action distribution's output layer (and its log-std).
+
+        What ``model.inner_parameters: head`` adapts (ANIL, Raghu et al. 2020: the body is
+        meta-learned, only the head adapts). The default fits the ``add_gaussian_heads`` layout.
+        """
+        return [name for name, _ in self.named_parameters() if name.startswith("action_head.") or name == "log_std"]
+
     def parameter_groups(self) -> dict[str, list[str]]:
         """Names of parameters per optimiser group.
 

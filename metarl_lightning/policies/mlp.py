@@ -106,6 +106,11 @@ class MLPActorCritic(ActorCritic):
         self.critic = _mlp(observation_dim, hidden_dim, num_layers, 1, out_gain=1.0)
         self.log_std = nn.Parameter(torch.full((action_dim,), float(init_log_std)))
 
+    def action_head_names(self) -> list[str]:
+        """The actor's last linear layer and the log-std."""
+        head = 2 * self.num_layers
+        return [f"actor.{head}.weight", f"actor.{head}.bias", "log_std"]
+
     def initial_state(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
         """A stateless policy carries a width-0 state so callers need no special case."""
         return torch.zeros(batch_size, 0, device=device)
