@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from callbacks.evaluation import MetaWorldEvaluation
 from cli import MetaRLCLI
 from metarl_lightning.data import MetaTaskDataModule
 from metarl_lightning.module import MetaRLModule
@@ -33,6 +34,23 @@ def test_every_config_parses_and_instantiates(config, tmp_path):
     assert cli.model.policy.action_dim == cli.datamodule.action_dim
     assert cli.trainer.predicting is False
     assert cli.config["trainer"]["inference_mode"] is False
+
+
+def test_the_official_protocol_overlay_sets_the_published_counts(tmp_path):
+    cli = MetaRLCLI(
+        MetaRLModule,
+        MetaTaskDataModule,
+        run=False,
+        save_config_callback=None,
+        args=["--config", str(ROOT / "configs/ml10.yaml"), "--config", str(ROOT / "configs/eval/official.yaml"),
+              "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)],
+    )
+    (evaluation,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, MetaWorldEvaluation)]
+    assert evaluation.counts("ML10", cli.datamodule.max_episode_steps) == {
+        "protocol": "official", "num_evals": None, "adaptation_episodes": 10, "evaluation_episodes": 3,
+        "envs_per_class": 1, "max_episode_steps": 500,
+    }
+    assert evaluation.every_n_epochs == 0
 
 
 BAD_INPUTS = {
