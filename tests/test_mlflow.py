@@ -35,7 +35,7 @@ def _check_fit_run(client: MlflowClient, run_id: str, epochs: int, tmp_path: Pat
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert params["data.benchmark"] == "nav2d" and params["data.meta_batch_size"] == "2"
-    assert params["model.policy.class_path"] == "metarl_lightning.policies.MLPActorCritic"
+    assert params["model.policy.class_path"] == "metarl_lightning.policies.SSMActorCritic"
     assert params["trainer.max_epochs"] == str(epochs) and params["checkpoint.monitor"] == "val/post_adaptation_return"
     for key in ("train/post_adaptation_return_step", "train/meta_loss_step", "train/env_steps"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(epochs)), key
@@ -43,7 +43,7 @@ def _check_fit_run(client: MlflowClient, run_id: str, epochs: int, tmp_path: Pat
         assert len(client.get_metric_history(run_id, key)) == epochs, key
     assert len(client.get_metric_history(run_id, "val/post_adaptation_return")) == epochs // 2
     tags = run.data.tags
-    assert tags["benchmark"] == "nav2d" and tags["policy_class"].endswith("MLPActorCritic")
+    assert tags["benchmark"] == "nav2d" and tags["policy_class"].endswith("SSMActorCritic")
     assert len(tags["git_commit"]) == 40
     assert EXPECTED_ARTIFACTS <= _artifacts(client, run_id)
     local = Path(client.download_artifacts(run_id, "results.json", str(tmp_path)))
