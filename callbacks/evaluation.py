@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.results import ResultsWriter
 from metarl_lightning.evaluation import evaluate_meta_learning, evaluate_multi_task
@@ -188,8 +189,18 @@ class MetaWorldEvaluation(Callback):
         metrics.update({f"eval/success/{task}": rate for task, rate in result["success_per_task"].items()})
         # Identical on every rank after the broadcast: no sync needed.
         pl_module.log_dict({k: float(v) for k, v in metrics.items()}, on_step=False, on_epoch=True, sync_dist=False)
+        rank_zero_info(_summary_line(result, int(getattr(pl_module, "env_steps", 0))))
         if trainer.state.fn == TrainerFn.FITTING:
             # The results writer keeps the curve (results.json, training_curves.png, per-task table).
             for callback in trainer.callbacks:
                 if isinstance(callback, ResultsWriter):
                     callback.record_protocol_evaluation(trainer, pl_module, result)
+
+
+def _summary_line(result: dict[str, Any], env_steps: int) -> str:
+    """What the terminal shows after an evaluation, e.g. ``Meta-World evaluation (official, ...): success 0.62``."""
+    counts = result["counts"]
+    detail = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "protocol" and v is not None)
+    per_task = ", ".join(f"{name} {rate:.2f}" for name, rate in result["success_per_task"].items())
+    return (f"Meta-World evaluation ({counts['protocol']}: {detail}) after {env_steps:,} env steps: "
+            f"success rate {result['success_rate']:.3f} ({per_task})")

@@ -229,3 +229,13 @@ def test_eval_envs_split_goals_across_envs_of_a_class_as_metaworld_does() -> Non
         assert sorted(t.data for share in held for t in share) == sorted(t.data for t in goals)
     finally:
         envs.close()
+
+
+def test_the_terminal_line_names_protocol_counts_and_success() -> None:
+    from callbacks.evaluation import _summary_line
+
+    result = {"success_rate": 0.62, "success_per_task": {"reach-v3": 0.62},
+              "counts": {"protocol": "official", "num_evals": None, "adaptation_episodes": 10, "evaluation_episodes": 3}}
+    line = _summary_line(result, 1_000_000)
+    assert line.startswith("Meta-World evaluation (official: adaptation_episodes 10, evaluation_episodes 3)")
+    assert "1,000,000 env steps" in line and "success rate 0.620 (reach-v3 0.62)" in line
