@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import warnings
 from typing import Any
 
@@ -34,6 +35,19 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_LOGGER = "callbacks.mlflow_logger.MLflowRunLogger"
 # Exit status of a process stopped by SIGTERM (128 + 15), as schedulers expect.
 _SIGTERM_EXIT = 143
+
+
+def default_run_name(config: Any, subcommand: str | None) -> str:
+    """``<first config file>-<subcommand>-<local time>-<4 hex>``, e.g. ``ml10-fit-20261201-221530-9f3a``.
+
+    MLflow draws its generated names from Python's RNG, which ``seed_everything`` has seeded, so every
+    seeded run would be called the same; the suffix comes from ``os.urandom``, which no seed
+    touches, so two runs started in the same second differ too. A resumed run keeps its own name.
+    """
+    configs = config.get("config") or []
+    first = configs[0] if isinstance(configs, list) and configs else None
+    stem = os.path.splitext(os.path.basename(str(first)))[0] if first is not None else "run"
+    return f"{stem}-{subcommand or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
 
 
 def _is_mlflow_logger(class_path: str | None) -> bool:
@@ -97,6 +111,9 @@ class MetaRLCLI(LightningCLI):
         config = self._subcommand_config()
         ckpt_path = self._resolve_ckpt_path(config)
         logger_args = self._mlflow_logger_args(config)
+        if logger_args is not None and not logger_args.get("run_name"):
+            # A seeded run would get the same generated name from MLflow's RNG every time.
+            logger_args.run_name = default_run_name(config, self.subcommand)
         if not ckpt_path or logger_args is None or not os.path.isfile(ckpt_path):
             return
         import torch

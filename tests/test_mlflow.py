@@ -76,6 +76,10 @@ def test_sqlite_fit_then_validate_and_test(tmp_path: Path) -> None:
         assert f"{stage}_results.json" in _artifacts(client, child.info.run_id)
         saved = json.loads((root / f"{stage}_results.json").read_text())
         assert saved["metrics"]["post_adaptation_return"] == pytest.approx(child.data.metrics[f"{prefix}/post_adaptation_return"])
+    # Seeded runs still get distinct, readable names (MLflow's generated names follow the seeded RNG).
+    names = [client.get_run(run_id).info.run_name] + [by_stage[s].info.run_name for s in ("validate", "test")]
+    assert len(set(names)) == 3, names
+    assert [n.split("-")[:2] for n in names] == [["nav2d", "fit"], ["nav2d", "validate"], ["nav2d", "test"]], names
     # The fit's own outputs are untouched by validate/test.
     assert json.loads((root / "results.json").read_text())["status"] == "finished"
 
