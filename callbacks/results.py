@@ -38,6 +38,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.atomic_io import write_atomic, write_json_atomic
@@ -156,8 +157,10 @@ class ResultsWriter(Callback):
         self._write_stage_results(trainer, "test", "test")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Final refresh."""
+        """Final refresh and the end-of-run summary in the terminal."""
         self._refresh(trainer, pl_module, "finished")
+        if trainer.is_global_zero:
+            rank_zero_info(run_summary(self.results(trainer, pl_module, "finished"), trainer.default_root_dir))
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """Leave the files saying how the run ended."""
@@ -165,6 +168,8 @@ class ResultsWriter(Callback):
             status = "killed" if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) else "failed"
             with contextlib.suppress(Exception):  # must not mask the original exception
                 self._refresh(trainer, pl_module, status)
+                if trainer.is_global_zero:
+                    rank_zero_info(run_summary(self.results(trainer, pl_module, status), trainer.default_root_dir))
 
     # ----------------------------------------------------------------------------------- write
     def _run_config(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
@@ -240,3 +245,25 @@ def _write_per_task_csv(entries: list[dict[str, Any]], path: str) -> None:
         for entry in entries:
             for name, rate in entry["success_per_task"].items():
                 writer.writerow([entry["epoch"], entry["env_steps"], name, rate])
+
+
+def run_summary(results: dict[str, Any], run_dir: str) -> str:
+    """The end-of-run lines: status, epochs, env steps, wall time, evaluations, where everything is."""
+    minutes = results["wall_time_s"] / 60
+    lines = [f"Run {results['status']}: {results['epochs_completed']} epochs, {results['env_steps']:,} env steps, {minutes:.1f} min"]
+    protocol = results.get("protocol") or []
+    if protocol:
+        best = max(protocol, key=lambda e: e["success_rate"])
+        last = protocol[-1]
+        kind = last["counts"]["protocol"]
+        lines.append(f"  Meta-World evaluation ({kind}): last {last['success_rate']:.3f} at {last['env_steps']:,} env steps, "
+                     f"best {best['success_rate']:.3f} at {best['env_steps']:,}")
+    validation = [e for e in results.get("eval") or [] if e.get("post_adaptation_success") is not None]
+    if validation:
+        lines.append(f"  validation (stochastic, after adaptation): success {validation[-1]['post_adaptation_success']:.3f}, "
+                     f"return {validation[-1]['post_adaptation_return']:.1f}")
+    lines.append(f"  run folder: {os.path.abspath(run_dir)} (results.json, training_curves.png, checkpoints/)")
+    mlflow = results.get("mlflow")
+    if mlflow:
+        lines.append(f"  MLflow run {mlflow['run_id']}: mlflow ui --backend-store-uri {mlflow['tracking_uri']}")
+    return "\n".join(lines)

@@ -154,3 +154,13 @@ def test_protocol_evaluations_go_to_results_and_the_per_task_table(tmp_path: Pat
     restored = ResultsWriter(plot=False, log_to_mlflow=False)
     restored.load_state_dict(writer.state_dict())
     assert restored.protocol == writer.protocol
+
+
+def test_run_summary_names_results_evaluations_and_where_they_are(tmp_path: Path) -> None:
+    from callbacks.results import run_summary
+
+    text = run_summary(_payload(), str(tmp_path))
+    assert text.splitlines()[0] == "Run finished: 6 epochs, 960 env steps, 0.1 min"
+    assert "Meta-World evaluation (custom): last 0.500 at 960 env steps, best 0.500 at 960" in text
+    assert "validation (stochastic, after adaptation): success 0.167" in text
+    assert str(tmp_path) in text and "mlflow ui --backend-store-uri sqlite:///mlflow.db" in text
