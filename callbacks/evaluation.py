@@ -189,6 +189,7 @@ class MetaWorldEvaluation(Callback):
         metrics.update({f"eval/success/{task}": rate for task, rate in result["success_per_task"].items()})
         # Identical on every rank after the broadcast: no sync needed.
         pl_module.log_dict({k: float(v) for k, v in metrics.items()}, on_step=False, on_epoch=True, sync_dist=False)
+        pl_module.log("eval_success", float(result["success_rate"]), prog_bar=True, logger=False, on_step=False, on_epoch=True, sync_dist=False)
         rank_zero_info(_summary_line(result, int(getattr(pl_module, "env_steps", 0))))
         if trainer.state.fn == TrainerFn.FITTING:
             # The results writer keeps the curve (results.json, training_curves.png, per-task table).

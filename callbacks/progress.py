@@ -1,4 +1,4 @@
-"""A TQDM progress bar that shows env steps/s and the latest post-adaptation return."""
+"""A TQDM progress bar: env steps/s, the latest post-adaptation success and return, the last evaluation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 # Keys the module logs with prog_bar=True, and how they read on the bar.
-_LABELS = {"steps_per_s": "env steps/s", "post_return": "post-adapt return"}
+_LABELS = {
+    "steps_per_s": "env steps/s",
+    "post_success": "post-adapt success",
+    "post_return": "post-adapt return",
+    "eval_success": "eval success",
+}
 
 
 def human_rate(value: float) -> str:
@@ -29,13 +34,15 @@ def format_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
             shown[_LABELS[key]] = human_rate(float(value))
         elif key == "post_return":
             shown[_LABELS[key]] = f"{float(value):.2f}"
+        elif key in ("post_success", "eval_success"):
+            shown[_LABELS[key]] = f"{float(value):.2f}"
         else:
             shown[key] = value
     return shown
 
 
 class MetaRLProgressBar(TQDMProgressBar):
-    """TQDM bar with ``env steps/s=16.8k, post-adapt return=-41.23``.
+    """TQDM bar with ``env steps/s=16.8k, post-adapt success=0.42, post-adapt return=-41.23, eval success=0.62``.
 
     Args:
         refresh_rate: update the bar every this many batches (meta-iterations).

@@ -269,9 +269,10 @@ class MetaRLModule(L.LightningModule):
         self.log("train/env_steps", self.env_steps.to(torch.float32), on_step=True, on_epoch=False, rank_zero_only=True)
         self.log("train/env_steps_per_s", steps_this_iteration / elapsed, on_step=True, on_epoch=False, rank_zero_only=True)
         self.log("train/collect_fraction", collect_seconds / elapsed, on_step=True, on_epoch=False, rank_zero_only=True)
-        # Shown in the progress bar (the callbacks' bar reads these).
-        self.log("post_return", query.episode_return.mean(), prog_bar=True, on_step=True, on_epoch=False, sync_dist=world > 1)
-        self.log("steps_per_s", steps_this_iteration / elapsed, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+        # Shown in the progress bar (the callbacks' bar reads these); not logged: train/* has them.
+        self.log("post_success", query.episode_success.mean(), prog_bar=True, logger=False, on_step=True, on_epoch=False, sync_dist=world > 1)
+        self.log("post_return", query.episode_return.mean(), prog_bar=True, logger=False, on_step=True, on_epoch=False, sync_dist=world > 1)
+        self.log("steps_per_s", steps_this_iteration / elapsed, prog_bar=True, logger=False, on_step=True, on_epoch=False, rank_zero_only=True)
 
     # ------------------------------------------------------------------------ distributed helpers
     def _no_backward_sync(self) -> contextlib.AbstractContextManager:

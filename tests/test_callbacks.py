@@ -63,8 +63,9 @@ def test_rng_state_survives_weights_only_checkpoint() -> None:
 
 def test_progress_bar_format() -> None:
     assert human_rate(16800.0) == "16.8k" and human_rate(424.0) == "424" and human_rate(2.5e6) == "2.5M"
-    shown = format_metrics({"v_num": "ab12", "steps_per_s": 16843.2, "post_return": torch.tensor(-41.2345)})
-    assert shown == {"env steps/s": "16.8k", "post-adapt return": "-41.23"}
+    shown = format_metrics({"v_num": "ab12", "steps_per_s": 16843.2, "post_return": torch.tensor(-41.2345),
+                            "post_success": torch.tensor(0.4167), "eval_success": 0.62})
+    assert shown == {"env steps/s": "16.8k", "post-adapt return": "-41.23", "post-adapt success": "0.42", "eval success": "0.62"}
 
 
 def _payload(epochs: int = 6) -> dict:
