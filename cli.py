@@ -110,6 +110,8 @@ class MetaRLCLI(LightningCLI):
         """
         config = self._subcommand_config()
         ckpt_path = self._resolve_ckpt_path(config)
+        if self.subcommand == "fit" and not config.get("ckpt_path"):
+            self._refuse_foreign_checkpoints(config)
         logger_args = self._mlflow_logger_args(config)
         if logger_args is not None and not logger_args.get("run_name"):
             # A seeded run would get the same generated name from MLflow's RNG every time.
@@ -140,6 +142,20 @@ class MetaRLCLI(LightningCLI):
             tags.setdefault("mlflow.parentRunId", run_id)
             tags.setdefault("source_checkpoint", os.path.abspath(ckpt_path))
             logger_args.tags = tags
+
+    @staticmethod
+    def _refuse_foreign_checkpoints(config: Any) -> None:
+        """One run, one folder: a new fit does not write into a folder that holds a run's checkpoints.
+
+        Checked before anything is created, so the earlier run's files and MLflow run stay as they were.
+        """
+        folder = config.checkpoint.dirpath or os.path.join(config.trainer.default_root_dir, "checkpoints")
+        found = sorted(name for name in ("last.ckpt", "best.ckpt") if os.path.isfile(os.path.join(folder, name)))
+        if found:
+            raise ConfigError(
+                f"trainer.default_root_dir: {config.trainer.default_root_dir} already holds a run ({', '.join(found)}); "
+                "resume it with --ckpt_path last, or give this run its own --trainer.default_root_dir"
+            )
 
     def after_instantiate_classes(self) -> None:
         """Give the results writer the resolved config to embed in ``results.json``."""

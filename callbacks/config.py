@@ -35,7 +35,8 @@ def flatten_config(config: Any, prefix: str = "") -> dict[str, str]:
 
 
 class SaveConfigToRun(SaveConfigCallback):
-    """Writes ``config.yaml`` to ``default_root_dir`` and logs config and params to MLflow."""
+    """Writes ``config.yaml`` (``validate_config.yaml`` / ``test_config.yaml`` for those subcommands) to
+    ``default_root_dir`` and logs config and params to MLflow."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["save_to_log_dir"] = False
@@ -45,7 +46,10 @@ class SaveConfigToRun(SaveConfigCallback):
         """Called on global rank 0 only, once per process."""
         text = self.parser.dump(self.config, skip_none=False)
         os.makedirs(trainer.default_root_dir, exist_ok=True)
-        path = os.path.join(trainer.default_root_dir, self.config_filename)
+        # validate/test never overwrite the fit's config.yaml: they write validate_config.yaml / test_config.yaml.
+        stage = str(getattr(stage, "value", stage))  # Lightning passes its TrainerFn enum
+        name = self.config_filename if stage == "fit" else f"{stage}_{self.config_filename}"
+        path = os.path.join(trainer.default_root_dir, name)
         with open(path, "w") as handle:
             handle.write(text)
         for logger in trainer.loggers:

@@ -64,6 +64,7 @@ def test_sqlite_fit_then_validate_and_test(tmp_path: Path) -> None:
     client = MlflowClient(uri)
     _check_fit_run(client, run_id, 2, tmp_path / "download")
 
+    fit_files = {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
     run_cli(cli_args("validate", tmp_path, uri, "--ckpt_path", "best"), cwd=tmp_path)
     run_cli(cli_args("test", tmp_path, uri, "--ckpt_path", str(root / "checkpoints/last.ckpt")), cwd=tmp_path)
     children = client.search_runs([client.get_run(run_id).info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'")
@@ -80,8 +81,23 @@ def test_sqlite_fit_then_validate_and_test(tmp_path: Path) -> None:
     names = [client.get_run(run_id).info.run_name] + [by_stage[s].info.run_name for s in ("validate", "test")]
     assert len(set(names)) == 3, names
     assert [n.split("-")[:2] for n in names] == [["nav2d", "fit"], ["nav2d", "validate"], ["nav2d", "test"]], names
-    # The fit's own outputs are untouched by validate/test.
+    # The fit's own outputs are untouched by validate/test, which write their own config files.
     assert json.loads((root / "results.json").read_text())["status"] == "finished"
+    assert (root / "validate_config.yaml").exists() and (root / "test_config.yaml").exists()
+    for name in ("config.yaml", "results.json", "training_curves.png", "checkpoints/last.ckpt"):
+        assert (root / name).read_bytes() == fit_files[Path(name)], name
+
+    # One run, one folder: a new fit into this folder is refused before it touches anything.
+    status_before = client.get_run(run_id).info.status
+    refused = subprocess.run(cli_args("fit", tmp_path, uri, "--trainer.max_epochs", "3"), cwd=tmp_path, env=cli_env(),
+                             capture_output=True, text=True, timeout=240)
+    assert refused.returncode == 2
+    lines = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: trainer.default_root_dir:") and "--ckpt_path last" in lines[0], refused.stderr[-2000:]
+    assert "Traceback" not in refused.stderr
+    for name, content in fit_files.items():
+        assert (root / name).read_bytes() == content, name
+    assert client.get_run(run_id).info.status == status_before
 
 
 def _free_port() -> int:
