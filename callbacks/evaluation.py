@@ -54,6 +54,8 @@ class MetaWorldEvaluation(Callback):
         max_episode_steps: episode length; ``null``: the data module's ``max_episode_steps``.
         envs_per_class: ML only: test goals adapted to in parallel per class. More than 1 is faster
             but overstates success under metaworld's counting (docs/results.md, "Protocol").
+        eval_actions: ML only: ``mean`` (the published protocol: the adapted policy's mean action) or
+            ``sample`` (its sampled actions, labelled as such in the counts; for diagnosis).
         on_validate: also evaluate at the end of the ``validate`` subcommand.
         on_test: also evaluate at the end of the ``test`` subcommand.
     """
@@ -71,9 +73,12 @@ class MetaWorldEvaluation(Callback):
         evaluation_episodes: int = 3,
         max_episode_steps: int | None = None,
         envs_per_class: int = 1,
+        eval_actions: Literal["mean", "sample"] = "mean",
         on_validate: bool = True,
         on_test: bool = True,
     ) -> None:
+        if eval_actions not in ("mean", "sample"):
+            raise ValueError(f"MetaWorldEvaluation.eval_actions: must be 'mean' or 'sample', got {eval_actions!r}")
         if protocol not in ("official", "custom"):
             raise ValueError(f"MetaWorldEvaluation.protocol: must be 'official' or 'custom', got {protocol!r}")
         for name, value, low in (
@@ -94,6 +99,7 @@ class MetaWorldEvaluation(Callback):
         self.evaluation_episodes = evaluation_episodes
         self.max_episode_steps = max_episode_steps
         self.envs_per_class = envs_per_class
+        self.eval_actions = eval_actions
         self.on_validate = on_validate
         self.on_test = on_test
         self._skip_noted = False
@@ -110,7 +116,10 @@ class MetaWorldEvaluation(Callback):
                 "evaluation_episodes": self.evaluation_episodes,
                 "envs_per_class": self.envs_per_class,
             }
-            return {"protocol": self.protocol, **ml, "max_episode_steps": steps}
+            counts = {"protocol": self.protocol, **ml, "max_episode_steps": steps}
+            if self.eval_actions == "sample":  # only recorded when it departs from the protocol
+                counts["eval_actions"] = "sample"
+            return counts
         episodes = self.OFFICIAL_MT_EPISODES if official else self.evaluation_episodes
         return {"protocol": self.protocol, "evaluation_episodes": episodes, "max_episode_steps": steps}
 
@@ -165,6 +174,7 @@ class MetaWorldEvaluation(Callback):
                         adaptation_episodes=settings["adaptation_episodes"],
                         evaluation_episodes=settings["evaluation_episodes"],
                         envs_per_class=settings["envs_per_class"],
+                        sample_eval_actions=settings.get("eval_actions") == "sample",
                         **common,
                     )
                 return evaluate_multi_task(
@@ -182,7 +192,7 @@ class MetaWorldEvaluation(Callback):
             # Every rank is here (Lightning calls callback hooks on all ranks): no deadlock.
             result = trainer.strategy.broadcast(result, src=0)
         assert result is not None
-        counts = {k: v for k, v in settings.items() if k in ("protocol", "num_evals", "adaptation_episodes", "evaluation_episodes", "envs_per_class", "max_episode_steps")}
+        counts = {k: v for k, v in settings.items() if k in ("protocol", "num_evals", "adaptation_episodes", "evaluation_episodes", "envs_per_class", "max_episode_steps", "eval_actions")}
         result = {**result, "counts": counts}
         self.last_result = result
         metrics = {"eval/success_rate": result["success_rate"], "eval/return": result["return"]}

@@ -124,9 +124,11 @@ class MetaWorldAgent:
         observation_suffix: npt.NDArray | None = None,
         action_limit: float = 1.0,
         seed: int = 0,
+        sample_eval_actions: bool = False,
     ) -> None:
         self.module = module
         self.policy = module.policy
+        self.sample_eval_actions = sample_eval_actions
         # Acting follows the module's device (a GPU-trained module evaluates where it lives).
         self.device = next(self.policy.parameters()).device
         self.num_envs = num_envs
@@ -179,8 +181,11 @@ class MetaWorldAgent:
 
     @torch.no_grad()
     def eval_action(self, observations: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        """Deterministic (mean) actions with each env's current (adapted) parameters."""
-        mean, _, _ = self._forward(self._obs(observations))
+        """Mean actions with each env's current (adapted) parameters (samples with ``sample_eval_actions``)."""
+        mean, log_std, _ = self._forward(self._obs(observations))
+        if self.sample_eval_actions:
+            noise = torch.randn(mean.shape, generator=self.generator, dtype=mean.dtype).to(self.device)
+            mean = mean + torch.exp(log_std) * noise
         return mean.clamp(-self.action_limit, self.action_limit).cpu().numpy().astype(np.float64)
 
     @torch.no_grad()
@@ -314,6 +319,7 @@ def evaluate_meta_learning(
     fast: bool = True,
     cache_dir: str | None = None,
     envs_per_class: int = 1,
+    sample_eval_actions: bool = False,
 ) -> dict[str, Any]:
     """Official ML protocol on the test split: adapt to ``num_evals`` goals per test class, then evaluate.
 
@@ -337,6 +343,8 @@ def evaluate_meta_learning(
         fast: fast simulator classes when verified.
         cache_dir: benchmark cache folder (``None``: default).
         envs_per_class: envs per test class (see above).
+        sample_eval_actions: score the adapted policy's sampled actions instead of its mean (the
+            published protocol and the default use the mean).
 
     Returns:
         ``{"success_rate", "return", "success_per_task": {class: rate}}``.
@@ -349,7 +357,7 @@ def evaluate_meta_learning(
     if num_evals is None:
         num_evals = min(len(goals) for goals in bench.tasks("test").values()) // envs_per_class
     try:
-        agent = MetaWorldAgent(module, envs.num_envs, seed=seed)
+        agent = MetaWorldAgent(module, envs.num_envs, seed=seed, sample_eval_actions=sample_eval_actions)
         with torch.no_grad(), _one_torch_thread():
             return run_meta_learning(agent, envs, num_evals, adaptation_episodes, evaluation_episodes, adaptation_steps)
     finally:

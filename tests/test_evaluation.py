@@ -239,3 +239,17 @@ def test_the_terminal_line_names_protocol_counts_and_success() -> None:
     line = _summary_line(result, 1_000_000)
     assert line.startswith("Meta-World evaluation (official: adaptation_episodes 10, evaluation_episodes 3)")
     assert "1,000,000 env steps" in line and "success rate 0.620 (reach-v3 0.62)" in line
+
+
+def test_sampled_eval_actions_are_labelled_and_differ_from_the_mean() -> None:
+    counts = MetaWorldEvaluation(protocol="official", eval_actions="sample").counts("ML1", 500)
+    assert counts["eval_actions"] == "sample" and counts["protocol"] == "official"
+    assert "eval_actions" not in MetaWorldEvaluation(protocol="official").counts("ML1", 500)
+    torch.manual_seed(0)
+    module = MetaRLModule(MLPActorCritic(39, 4, hidden_dim=16, init_log_std=0.0))
+    obs = np.random.default_rng(0).normal(size=(3, 39))
+    mean = MetaWorldAgent(module, 3).eval_action(obs)
+    sampled = MetaWorldAgent(module, 3, seed=1, sample_eval_actions=True).eval_action(obs)
+    again = MetaWorldAgent(module, 3, seed=1, sample_eval_actions=True).eval_action(obs)
+    assert np.abs(sampled - mean).mean() > 0.3  # std 1 noise (clipped to the box)
+    np.testing.assert_array_equal(sampled, again)  # seeded
