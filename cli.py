@@ -50,6 +50,11 @@ def default_run_name(config: Any, subcommand: str | None) -> str:
     return f"{stem}-{subcommand or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
 
 
+def _checkpoint_folder(config: Any) -> str:
+    """Where the run's ``last.ckpt`` / ``best.ckpt`` live: ``checkpoint.dirpath`` or ``<root>/checkpoints``."""
+    return config.checkpoint.dirpath or os.path.join(config.trainer.default_root_dir, "checkpoints")
+
+
 def _is_mlflow_logger(class_path: str | None) -> bool:
     return bool(class_path) and class_path.rsplit(".", 1)[-1] in ("MLFlowLogger", "MLflowRunLogger")
 
@@ -86,7 +91,7 @@ class MetaRLCLI(LightningCLI):
         """``last``/``best`` -> the file in the run's checkpoint folder (when it exists), else as given."""
         ckpt_path = config.get("ckpt_path")
         if ckpt_path in ("last", "best"):
-            folder = config.checkpoint.dirpath or os.path.join(config.trainer.default_root_dir, "checkpoints")
+            folder = _checkpoint_folder(config)
             candidate = os.path.join(folder, f"{ckpt_path}.ckpt")
             if os.path.isfile(candidate):
                 config.ckpt_path = candidate
@@ -149,7 +154,7 @@ class MetaRLCLI(LightningCLI):
 
         Checked before anything is created, so the earlier run's files and MLflow run stay as they were.
         """
-        folder = config.checkpoint.dirpath or os.path.join(config.trainer.default_root_dir, "checkpoints")
+        folder = _checkpoint_folder(config)
         found = sorted(name for name in ("last.ckpt", "best.ckpt") if os.path.isfile(os.path.join(folder, name)))
         if found:
             raise ConfigError(

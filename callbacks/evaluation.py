@@ -153,7 +153,7 @@ class MetaWorldEvaluation(Callback):
             "benchmark_name": benchmark,
             "env_name": getattr(dm, "env_name", None),
             "seed": int(getattr(dm, "seed", 0)),
-            **self.counts(benchmark, getattr(dm, "max_episode_steps", None)),
+            "counts": self.counts(benchmark, getattr(dm, "max_episode_steps", None)),
             "fast": bool(getattr(dm, "fast_envs", True)),
             "cache_dir": getattr(dm, "benchmark_cache_dir", None),
             "one_hot": bool(getattr(dm, "task_one_hot", False)),
@@ -161,7 +161,9 @@ class MetaWorldEvaluation(Callback):
 
     def evaluate(self, pl_module: L.LightningModule, settings: dict[str, Any]) -> dict[str, Any]:
         """Run the protocol for ``settings`` (from the data module) on this process."""
-        common = {k: settings[k] for k in ("benchmark_name", "env_name", "seed", "max_episode_steps", "fast", "cache_dir")}
+        counts = settings["counts"]
+        common = {k: settings[k] for k in ("benchmark_name", "env_name", "seed", "fast", "cache_dir")}
+        common["max_episode_steps"] = counts["max_episode_steps"]
         was_training = pl_module.training
         pl_module.eval()
         try:
@@ -170,15 +172,15 @@ class MetaWorldEvaluation(Callback):
                 if settings["benchmark_name"].startswith("ML"):
                     return evaluate_meta_learning(
                         pl_module,
-                        num_evals=settings["num_evals"],
-                        adaptation_episodes=settings["adaptation_episodes"],
-                        evaluation_episodes=settings["evaluation_episodes"],
-                        envs_per_class=settings["envs_per_class"],
-                        sample_eval_actions=settings.get("eval_actions") == "sample",
+                        num_evals=counts["num_evals"],
+                        adaptation_episodes=counts["adaptation_episodes"],
+                        evaluation_episodes=counts["evaluation_episodes"],
+                        envs_per_class=counts["envs_per_class"],
+                        sample_eval_actions=counts.get("eval_actions") == "sample",
                         **common,
                     )
                 return evaluate_multi_task(
-                    pl_module, num_episodes=settings["evaluation_episodes"], task_one_hot=settings["one_hot"], **common
+                    pl_module, num_episodes=counts["evaluation_episodes"], task_one_hot=settings["one_hot"], **common
                 )
         finally:
             pl_module.train(was_training)
@@ -192,8 +194,7 @@ class MetaWorldEvaluation(Callback):
             # Every rank is here (Lightning calls callback hooks on all ranks): no deadlock.
             result = trainer.strategy.broadcast(result, src=0)
         assert result is not None
-        counts = {k: v for k, v in settings.items() if k in ("protocol", "num_evals", "adaptation_episodes", "evaluation_episodes", "envs_per_class", "max_episode_steps", "eval_actions")}
-        result = {**result, "counts": counts}
+        result = {**result, "counts": settings["counts"]}
         self.last_result = result
         metrics = {"eval/success_rate": result["success_rate"], "eval/return": result["return"]}
         metrics.update({f"eval/success/{task}": rate for task, rate in result["success_per_task"].items()})

@@ -32,9 +32,7 @@ def format_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
             continue
         if key == "steps_per_s":
             shown[_LABELS[key]] = human_rate(float(value))
-        elif key == "post_return":
-            shown[_LABELS[key]] = f"{float(value):.2f}"
-        elif key in ("post_success", "eval_success"):
+        elif key in _LABELS:
             shown[_LABELS[key]] = f"{float(value):.2f}"
         else:
             shown[key] = value

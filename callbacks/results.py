@@ -158,18 +158,18 @@ class ResultsWriter(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Final refresh and the end-of-run summary in the terminal."""
-        self._refresh(trainer, pl_module, "finished")
-        if trainer.is_global_zero:
-            rank_zero_info(run_summary(self.results(trainer, pl_module, "finished"), trainer.default_root_dir))
+        payload = self._refresh(trainer, pl_module, "finished")
+        if payload is not None:
+            rank_zero_info(run_summary(payload, trainer.default_root_dir))
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """Leave the files saying how the run ended."""
         if trainer.state.fn == "fit":
             status = "killed" if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) else "failed"
             with contextlib.suppress(Exception):  # must not mask the original exception
-                self._refresh(trainer, pl_module, status)
-                if trainer.is_global_zero:
-                    rank_zero_info(run_summary(self.results(trainer, pl_module, status), trainer.default_root_dir))
+                payload = self._refresh(trainer, pl_module, status)
+                if payload is not None:
+                    rank_zero_info(run_summary(payload, trainer.default_root_dir))
 
     # ----------------------------------------------------------------------------------- write
     def _run_config(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
@@ -197,9 +197,10 @@ class ResultsWriter(Callback):
             "protocol": self.protocol,
         }
 
-    def _refresh(self, trainer: L.Trainer, pl_module: L.LightningModule, status: str) -> None:
+    def _refresh(self, trainer: L.Trainer, pl_module: L.LightningModule, status: str) -> dict[str, Any] | None:
+        """Write the files (rank 0); return what ``results.json`` now holds (``None`` on other ranks)."""
         if not trainer.is_global_zero:
-            return
+            return None
         payload = self.results(trainer, pl_module, status)
         paths = [os.path.join(trainer.default_root_dir, RESULTS_FILE)]
         write_json_atomic(paths[0], payload)
@@ -210,6 +211,7 @@ class ResultsWriter(Callback):
             paths.append(os.path.join(trainer.default_root_dir, PER_TASK_FILE))
             write_atomic(paths[-1], lambda temporary: _write_per_task_csv(self.protocol, temporary))
         self._upload(trainer, paths)
+        return payload
 
     def _write_stage_results(self, trainer: L.Trainer, stage: str, prefix: str) -> None:
         if not trainer.is_global_zero:

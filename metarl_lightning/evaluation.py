@@ -165,6 +165,11 @@ class MetaWorldAgent:
         value = out.value[:, 0] if out.value is not None else torch.zeros(K, dtype=out.mean.dtype, device=self.device)
         return out.mean[:, 0], out.log_std.expand_as(out.mean)[:, 0], value
 
+    def _sample(self, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+        """Gaussian actions around ``mean`` from the agent's own seeded generator (unclipped)."""
+        noise = torch.randn(mean.shape, generator=self.generator, dtype=mean.dtype).to(self.device)
+        return mean + torch.exp(log_std) * noise
+
     # -------------------------------------------------------------------------------- protocol
     def init(self) -> None:
         """Every env's parameters back to theta; clear the adaptation buffer and the state."""
@@ -183,10 +188,8 @@ class MetaWorldAgent:
     def eval_action(self, observations: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """Mean actions with each env's current (adapted) parameters (samples with ``sample_eval_actions``)."""
         mean, log_std, _ = self._forward(self._obs(observations))
-        if self.sample_eval_actions:
-            noise = torch.randn(mean.shape, generator=self.generator, dtype=mean.dtype).to(self.device)
-            mean = mean + torch.exp(log_std) * noise
-        return mean.clamp(-self.action_limit, self.action_limit).cpu().numpy().astype(np.float64)
+        action = self._sample(mean, log_std) if self.sample_eval_actions else mean
+        return action.clamp(-self.action_limit, self.action_limit).cpu().numpy().astype(np.float64)
 
     @torch.no_grad()
     def adapt_action(
@@ -200,8 +203,7 @@ class MetaWorldAgent:
         obs = self._obs(observations)
         reset = self.pending_reset.clone()
         mean, log_std, value = self._forward(obs)
-        noise = torch.randn(mean.shape, generator=self.generator, dtype=mean.dtype).to(self.device)
-        action = mean + torch.exp(log_std) * noise
+        action = self._sample(mean, log_std)
         aux = {
             "obs": obs.cpu().numpy(),
             "raw_action": action.cpu().numpy(),

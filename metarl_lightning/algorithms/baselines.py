@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from metarl_lightning.algorithms.gae import generalized_advantage_estimate
+
 
 def episode_time_index(terminated: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
     """Steps since the episode began, ``[..., T]`` (long); step 0 of the rollout starts an episode.
@@ -36,18 +38,17 @@ def discounted_returns(rewards: torch.Tensor, episode_ends: torch.Tensor, gamma:
 
     A rollout that stops mid-episode is treated as if the episode ended there (no bootstrap), as the
     reference MAML code does: with gamma 0.99 and 500-step episodes the missing tail is tiny.
+    This is GAE with zero values and lambda 1, every end treated as terminal.
 
     Args:
         rewards: ``[..., T]``.
         episode_ends: ``[..., T]`` bool, an episode ended (terminated or truncated) at ``t``.
         gamma: discount factor.
     """
-    continues = (~episode_ends).to(rewards.dtype)
-    returns = torch.empty_like(rewards)
-    running = torch.zeros_like(rewards[..., 0])
-    for t in range(rewards.shape[-1] - 1, -1, -1):
-        running = rewards[..., t] + gamma * continues[..., t] * running
-        returns[..., t] = running
+    zeros = torch.zeros_like(rewards)
+    returns, _ = generalized_advantage_estimate(
+        rewards, zeros, zeros, episode_ends, torch.zeros_like(episode_ends), gamma, 1.0
+    )
     return returns
 
 
@@ -84,15 +85,17 @@ def fit_ridge(features: torch.Tensor, targets: torch.Tensor, reg_coeff: float = 
     gram = features.transpose(-1, -2) @ features  # (K, F, F)
     rhs = (features.transpose(-1, -2) @ targets.unsqueeze(-1)).squeeze(-1)  # (K, F)
     eye = torch.eye(features.shape[-1], dtype=features.dtype, device=features.device)
-    weights = torch.full_like(rhs, float("nan"))
+    weights = torch.zeros_like(rhs)  # a task never solved keeps a zero baseline
+    pending = torch.ones(rhs.shape[0], dtype=torch.bool, device=rhs.device)  # (K,)
     for _ in range(max_tries):
         solution, info = torch.linalg.solve_ex(gram + reg_coeff * eye, rhs)
-        bad = (info != 0) | ~torch.isfinite(solution).all(-1)  # (K,)
-        weights = torch.where(torch.isnan(weights).any(-1, keepdim=True) & ~bad.unsqueeze(-1), solution, weights)
-        if not torch.isnan(weights).any():
+        solved = pending & (info == 0) & torch.isfinite(solution).all(-1)  # (K,)
+        weights = torch.where(solved.unsqueeze(-1), solution, weights)
+        pending &= ~solved
+        if not pending.any():
             break
         reg_coeff *= 10.0
-    return torch.nan_to_num(weights, nan=0.0)
+    return weights
 
 
 def linear_baseline_values(
