@@ -157,6 +157,9 @@ class MetaWorldEvaluation(Callback):
             "fast": bool(getattr(dm, "fast_envs", True)),
             "cache_dir": getattr(dm, "benchmark_cache_dir", None),
             "one_hot": bool(getattr(dm, "task_one_hot", False)),
+            # In-context agents: the context inputs and the trial memory they were trained with.
+            "context_reward_scale": getattr(dm, "context_reward_scale", None) if getattr(dm, "context_inputs", False) else None,
+            "trial_memory": getattr(dm, "reset_state_on", "episode") == "trial",
         }
 
     def evaluate(self, pl_module: L.LightningModule, settings: dict[str, Any]) -> dict[str, Any]:
@@ -177,6 +180,8 @@ class MetaWorldEvaluation(Callback):
                         evaluation_episodes=counts["evaluation_episodes"],
                         envs_per_class=counts["envs_per_class"],
                         sample_eval_actions=counts.get("eval_actions") == "sample",
+                        context_reward_scale=settings.get("context_reward_scale"),
+                        trial_memory=settings.get("trial_memory", False),
                         **common,
                     )
                 return evaluate_multi_task(

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from metarl_lightning.envs.base import TaskVectorEnv
+from metarl_lightning.envs.context import METAWORLD_CONTEXT_REWARD_SCALE, NAV2D_CONTEXT_REWARD_SCALE, context_dim
 from metarl_lightning.envs.navigation import Navigation2DVectorEnv
 from metarl_lightning.errors import ConfigError, require
 from metarl_lightning.meta_batch import MetaBatch
@@ -99,7 +100,22 @@ class MetaTaskDataModule(L.LightningDataModule):
             verified.
         task_one_hot: append a one-hot task id to observations (MT benchmarks).
         reset_state_on: ``episode`` (zero the recurrent state at every episode start) or ``trial``
-            (only when the task changes: memory across the episodes of one task).
+            (only at trial starts: memory across the episodes of one task; inside a trial an
+            episode end does not cut the return either, as in RL^2). The Meta-World evaluation
+            then keeps the state from the first adaptation episode to the last evaluation episode
+            of a task.
+        episodes_per_trial: with ``reset_state_on: trial``, a trial is this many consecutive
+            episodes of one env (one task); must divide the episodes each env runs per rollout,
+            ``rollouts_per_task / envs_per_task`` (and ``eval_rollouts_per_task / envs_per_task``).
+            ``null``: all of them (one trial per env and rollout). Several envs per task run
+            several trials of it side by side, which keeps the policy calls wide.
+        context_inputs: append the previous action, the previous reward (times
+            ``context_reward_scale``) and an episode-start flag to every observation, zero at a
+            trial start (``metarl_lightning.envs.context``): the input an in-context (RL^2) agent
+            adapts from. nav2d and ML benchmarks only (MT goals are visible; its evaluation draws a
+            new goal at every reset).
+        context_reward_scale: scale of the reward input; ``null``: 0.1 for Meta-World (rewards
+            reach 10 per step), 1.0 for nav2d (minus a distance, at most ~1.4), so it is O(1).
         compile_policy: run the collector's acting step through ``torch.compile`` (seconds of
             compilation per rollout shape). The native MLP/SSM acting steps gain nothing from it;
             policies on the generic vmap path (GRU, custom) do.
@@ -128,6 +144,9 @@ class MetaTaskDataModule(L.LightningDataModule):
         fast_envs: bool = True,
         task_one_hot: bool = False,
         reset_state_on: str = "episode",
+        episodes_per_trial: int | None = None,
+        context_inputs: bool = False,
+        context_reward_scale: float | None = None,
         compile_policy: bool = False,
         pipeline_rollouts: bool = False,
         seed: int = 0,
@@ -167,6 +186,24 @@ class MetaTaskDataModule(L.LightningDataModule):
         require(eval_meta_batches >= 1, "data.eval_meta_batches", f"must be >= 1, got {eval_meta_batches}")
         require(num_env_workers is None or num_env_workers >= 0, "data.num_env_workers", f"must be >= 0 or null, got {num_env_workers}")
         require(reset_state_on in ("episode", "trial"), "data.reset_state_on", f"unknown {reset_state_on!r}; valid: episode, trial")
+        if episodes_per_trial is not None:
+            require(reset_state_on == "trial", "data.episodes_per_trial", "needs data.reset_state_on: trial (or null)")
+            for name, rollouts in (("rollouts_per_task", rollouts_per_task), ("eval_rollouts_per_task", eval_rollouts_per_task)):
+                episodes = rollouts // envs_per_task
+                require(
+                    episodes_per_trial >= 1 and episodes % episodes_per_trial == 0,
+                    "data.episodes_per_trial",
+                    f"must be >= 1 and divide the {episodes} episodes per env of a rollout "
+                    f"({name} / envs_per_task), got {episodes_per_trial}",
+                )
+        require(
+            not context_inputs or not benchmark.startswith("MT"),
+            "data.context_inputs",
+            "only for nav2d and ML benchmarks (MT goals are visible and its evaluation draws a new goal at every reset)",
+        )
+        if context_reward_scale is None:
+            context_reward_scale = NAV2D_CONTEXT_REWARD_SCALE if benchmark == NAV2D else METAWORLD_CONTEXT_REWARD_SCALE
+        require(context_reward_scale > 0, "data.context_reward_scale", f"must be > 0 or null, got {context_reward_scale}")
         self.save_hyperparameters()
         self.benchmark = benchmark
         self.env_name = env_name
@@ -182,6 +219,9 @@ class MetaTaskDataModule(L.LightningDataModule):
         self.fast_envs = fast_envs
         self.task_one_hot = task_one_hot
         self.reset_state_on = reset_state_on
+        self.episodes_per_trial = episodes_per_trial
+        self.context_inputs = context_inputs
+        self.context_reward_scale = context_reward_scale
         self.compile_policy = compile_policy
         self.pipeline_rollouts = pipeline_rollouts
         self.seed = seed
@@ -195,13 +235,14 @@ class MetaTaskDataModule(L.LightningDataModule):
     @property
     def observation_dim(self) -> int:
         """Observation size, known before any env is built (linked into ``model.policy``)."""
+        context = context_dim(self.action_dim) if self.context_inputs else 0
         if self.benchmark == NAV2D:
-            return Navigation2DVectorEnv.observation_dim
+            return Navigation2DVectorEnv.observation_dim + context
         extra = 0
         if self.task_one_hot:
             require(self.benchmark.startswith("MT"), "data.task_one_hot", "only for MT benchmarks (ML test classes are unseen)")
             extra = _MT_CLASS_COUNT[self.benchmark]
-        return _METAWORLD_OBS_DIM + extra
+        return _METAWORLD_OBS_DIM + extra + context
 
     @property
     def action_dim(self) -> int:
@@ -278,6 +319,8 @@ class MetaTaskDataModule(L.LightningDataModule):
         self._collectors[split] = RolloutCollector(
             env,
             reset_state_on=self.reset_state_on,
+            episodes_per_trial=self.episodes_per_trial,
+            context_reward_scale=self.context_reward_scale if self.context_inputs else None,
             compile_policy=self.compile_policy,
             pipeline=self.pipeline_rollouts,
             acting_threads=acting_threads,

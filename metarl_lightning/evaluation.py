@@ -12,6 +12,10 @@ only supplies what they expect:
 * :class:`MetaWorldAgent`: the ``MetaLearningAgent`` protocol over a :class:`MetaRLModule`: every env
   (= task) has its own parameter set; adaptation data is turned into a ``[K, 1, T]`` :class:`Rollout`
   and adapted with the module's own inner update (``MetaRLModule._adapt``, first order).
+* In-context agents (``data.context_inputs``, ``data.reset_state_on: trial``): the protocol gives
+  ``eval_action`` no reward, so the context inputs come from an observation wrapper on the eval envs
+  (:class:`~metarl_lightning.envs.context.ContextObservation`), and the agent keeps its recurrent
+  state over all episodes of a task, adaptation and evaluation alike (one trial per task).
 
 Differences from the upstream vector envs, on purpose: ML evaluation uses one env per test class
 (upstream ``make_vec`` builds ``meta_batch_size`` envs, several per class, which only changes how many
@@ -35,9 +39,10 @@ from metaworld.evaluation import Timestep, evaluation, metalearning_evaluation
 from metarl_lightning.algorithms.maml import stack_for_agents
 from metarl_lightning.algorithms.ppo import gaussian_log_prob
 from metarl_lightning.envs.benchmarks import Benchmark, Split, make_benchmark
+from metarl_lightning.envs.context import ContextObservation
 from metarl_lightning.envs.fast import env_class
 from metarl_lightning.policies.acting import ActingStep
-from metarl_lightning.rollouts import Rollout
+from metarl_lightning.rollouts import Rollout, value_boundaries
 
 
 def make_eval_envs(
@@ -48,7 +53,8 @@ def make_eval_envs(
     num_goals: int | None = None,
     fast: bool = True,
     envs_per_class: int = 1,
-) -> gym.vector.SyncVectorEnv:
+    context_reward_scale: float | None = None,
+) -> gym.vector.VectorEnv:
     """The vector env metaworld's evaluation functions expect: ``envs_per_class`` envs per class.
 
     ML benchmarks get metaworld's ML-test settings (pseudo-random goal order, advanced only by
@@ -65,6 +71,8 @@ def make_eval_envs(
         envs_per_class: envs per class; env ``i`` of a class holds goals ``i, i + n, i + 2n, ...``
             (metaworld's own split, ``tasks[i::n]``), so one ``sample_tasks`` runs ``n`` distinct goals
             of every class at once. More envs per class batch more work per policy call.
+        context_reward_scale: append the context inputs (previous action, reward times this scale,
+            done) to the observations (:class:`ContextObservation`); ``None``: bare observations.
     """
     if envs_per_class < 1:
         raise ValueError(f"envs_per_class: must be >= 1, got {envs_per_class}")
@@ -91,7 +99,8 @@ def make_eval_envs(
             for i in range(envs_per_class)
         )
     # SAME_STEP autoreset: the protocol reads infos["final_info"] on the step an episode ends.
-    return gym.vector.SyncVectorEnv(factories, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    envs = gym.vector.SyncVectorEnv(factories, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    return envs if context_reward_scale is None else ContextObservation(envs, context_reward_scale)
 
 
 class MetaWorldAgent:
@@ -107,7 +116,11 @@ class MetaWorldAgent:
     V(s_{t+1}): one step off, where the alternative (no bootstrap) would treat the time limit as a
     failure state. Terminations (success with terminate-on-success) do not bootstrap.
 
-    Recurrent state is zeroed at every episode start, as the collector's ``reset_state_on="episode"``.
+    Recurrent state is zeroed at every episode start, as the collector's ``reset_state_on="episode"``;
+    with ``trial_memory`` only at :meth:`init` (a new task), so it is carried from the first
+    adaptation episode into the last evaluation episode (the protocol's ``reset`` calls at episode
+    ends are ignored). The inner step is taken only when the module has ``inner_steps > 0``; with
+    0 (RL^2) the agent adapts in context alone and acts with theta throughout.
 
     Args:
         module: the meta-learner (its ``policy``, ``_adapt`` and ``hparams`` gamma/gae_lambda).
@@ -115,6 +128,8 @@ class MetaWorldAgent:
         observation_suffix: ``[num_envs, X]`` appended to every observation (MT task one-hots).
         action_limit: actions sent to the env are clipped to ``[-action_limit, action_limit]``.
         seed: seeds the exploration noise of adaptation.
+        sample_eval_actions: evaluate with sampled instead of mean actions.
+        trial_memory: keep the recurrent state over all episodes of a task (see above).
     """
 
     def __init__(
@@ -125,10 +140,13 @@ class MetaWorldAgent:
         action_limit: float = 1.0,
         seed: int = 0,
         sample_eval_actions: bool = False,
+        trial_memory: bool = False,
     ) -> None:
         self.module = module
         self.policy = module.policy
         self.sample_eval_actions = sample_eval_actions
+        self.trial_memory = trial_memory
+        self.inner_steps = int(module.hparams.get("inner_steps", 1))
         # Acting follows the module's device (a GPU-trained module evaluates where it lives).
         self.device = next(self.policy.parameters()).device
         self.num_envs = num_envs
@@ -181,7 +199,12 @@ class MetaWorldAgent:
         self.buffer: dict[str, list[torch.Tensor]] = {}
 
     def reset(self, env_mask: npt.NDArray[np.bool_]) -> None:
-        """Zero the recurrent state of the envs in ``env_mask`` before their next step."""
+        """Zero the recurrent state of the envs in ``env_mask`` before their next step.
+
+        A trial-memory agent ignores it: the protocol calls it at episode ends, inside the trial.
+        """
+        if self.trial_memory:
+            return
         self.pending_reset = self.pending_reset | torch.as_tensor(np.asarray(env_mask, dtype=bool), device=self.device)
 
     @torch.no_grad()
@@ -215,6 +238,9 @@ class MetaWorldAgent:
 
     def step(self, timestep: Timestep) -> None:
         """Record one transition of every env; zero the state of envs whose episode ended."""
+        if self.inner_steps == 0:  # nothing will adapt on the data: keep none of it
+            self.reset(np.logical_or(timestep.terminated, timestep.truncated))
+            return
         aux = timestep.aux_policy_outputs
         record = {
             "observations": torch.as_tensor(aux["obs"]),
@@ -234,12 +260,14 @@ class MetaWorldAgent:
         """The recorded adaptation data as a ``[K, 1, T, ...]`` rollout with GAE computed."""
         data = {k: torch.stack(v, dim=1).unsqueeze(1).to(self.device) for k, v in self.buffer.items()}  # (K 1 T ...)
         values, terminated, truncated = data["values"], data["terminated"], data["truncated"]
-        # Inside an episode V(s_{t+1}) is the next step's value; on truncation V(s_t) (class doc);
-        # on termination 0. The last step, still running, bootstraps with its own value as well.
+        # Inside an episode (or a trial) V(s_{t+1}) is the next step's value; on a truncation that
+        # ends the return V(s_t) (class doc); on termination 0. The last step, still running,
+        # bootstraps with its own value as well.
         following = torch.cat([values[..., 1:], values[..., -1:]], dim=-1)
+        ends_terminated, ends_truncated = value_boundaries(terminated, truncated, data["resets"])
+        next_values = torch.where(ends_terminated | ends_truncated, values, following)
+        next_values = torch.where(ends_terminated, torch.zeros_like(values), next_values)
         done = terminated | truncated
-        next_values = torch.where(done, values, following)
-        next_values = torch.where(terminated, torch.zeros_like(values), next_values)
         K = self.num_envs
         rollout = Rollout(
             next_values=next_values,
@@ -252,12 +280,26 @@ class MetaWorldAgent:
         return rollout
 
     def adapt(self) -> None:
-        """theta_k' from env ``k``'s adaptation data with the module's inner update (first order)."""
-        rollout = self.adaptation_rollout()
-        with torch.enable_grad():
-            leaf = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items()}
-            adapted = self.module._adapt(leaf, rollout, first_order=True)
-        self.params = {k: v.detach() for k, v in adapted.items()}
+        """theta_k' from env ``k``'s adaptation data with the module's inner update (first order).
+
+        Without inner steps (``inner_steps: 0``) the parameters stay theta. A trial-memory agent
+        keeps its state (and its adaptation data: a further adaptation step sees the whole trial
+        so far, which starts from the zero state its rollout is recomputed from).
+        """
+        if self.inner_steps > 0:
+            rollout = self.adaptation_rollout()
+            with torch.enable_grad():
+                leaf = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items()}
+                adapted = self.module._adapt(leaf, rollout, first_order=True)
+            self.params = {k: v.detach() for k, v in adapted.items()}
+        if self.trial_memory:
+            if self.inner_steps > 0 and self._acting is not None:
+                # The new parameters' acting step, continuing the state: built like the old one
+                # (same agents, envs and critic setting), it has the same state layout.
+                state = self.state
+                self._acting = self.policy.acting_step(self.params, self.num_envs, 1, with_values=self._with_values)
+                self.state = state
+            return
         self._acting = None
         self._with_values = False  # evaluation acts with the mean only
         self.buffer = {}
@@ -322,6 +364,8 @@ def evaluate_meta_learning(
     cache_dir: str | None = None,
     envs_per_class: int = 1,
     sample_eval_actions: bool = False,
+    context_reward_scale: float | None = None,
+    trial_memory: bool = False,
 ) -> dict[str, Any]:
     """Official ML protocol on the test split: adapt to ``num_evals`` goals per test class, then evaluate.
 
@@ -347,6 +391,10 @@ def evaluate_meta_learning(
         envs_per_class: envs per test class (see above).
         sample_eval_actions: score the adapted policy's sampled actions instead of its mean (the
             published protocol and the default use the mean).
+        context_reward_scale: give the agent the context inputs it was trained with (previous
+            action, reward times this scale, done; ``data.context_inputs``); ``None``: none.
+        trial_memory: keep the recurrent state over all episodes of a task (``data.reset_state_on:
+            trial``).
 
     Returns:
         ``{"success_rate", "return", "success_per_task": {class: rate}}``.
@@ -355,11 +403,13 @@ def evaluate_meta_learning(
     if not bench.is_meta_learning:
         raise ValueError(f"benchmark: {benchmark_name} is not a meta-learning benchmark; use evaluate_multi_task")
     # All goals: the pseudo-random task wrapper shuffles them and walks num_evals distinct ones.
-    envs = make_eval_envs(bench, "test", seed, max_episode_steps, fast=fast, envs_per_class=envs_per_class)
+    envs = make_eval_envs(
+        bench, "test", seed, max_episode_steps, fast=fast, envs_per_class=envs_per_class, context_reward_scale=context_reward_scale
+    )
     if num_evals is None:
         num_evals = min(len(goals) for goals in bench.tasks("test").values()) // envs_per_class
     try:
-        agent = MetaWorldAgent(module, envs.num_envs, seed=seed, sample_eval_actions=sample_eval_actions)
+        agent = MetaWorldAgent(module, envs.num_envs, seed=seed, sample_eval_actions=sample_eval_actions, trial_memory=trial_memory)
         with torch.no_grad(), _one_torch_thread():
             return run_meta_learning(agent, envs, num_evals, adaptation_episodes, evaluation_episodes, adaptation_steps)
     finally:

@@ -46,7 +46,10 @@ class MetaRLModule(L.LightningModule):
             linked from the data module).
         meta_lr: Adam learning rate of the outer (meta) update.
         inner_lr: step size alpha of the inner (adaptation) update.
-        inner_steps: inner gradient steps per task; 0 turns MAML off (plain multi-task PPO).
+        inner_steps: inner gradient steps per task; 0 turns MAML off: plain PPO on one rollout per
+            iteration (multi-task PPO on MT; RL^2 with ``data.context_inputs`` and
+            ``data.reset_state_on: trial``, where the policy adapts in context alone). Its
+            pre- and post-adaptation metrics are then the same rollout's.
         first_order: drop second-order terms of the meta-gradient (FOMAML).
         gamma: discount factor.
         gae_lambda: GAE lambda.
@@ -211,8 +214,13 @@ class MetaRLModule(L.LightningModule):
         """Support rollouts with theta, per-agent adaptation, query rollouts with theta_k'.
 
         Used by training and by evaluation (where the query rollouts measure adapted performance).
+        With ``inner_steps: 0`` nothing adapts, so a second rollout with the same theta would only
+        cost env steps: the query rollout is also returned as the support.
         """
         collector.env.set_tasks(batch.tasks)
+        if self.hparams.inner_steps == 0:
+            query = self._collect(collector, None, batch.query_noise, num_steps)
+            return query, query
         theta = stack_for_agents(self._meta_parameters(), batch.num_agents)
         support = self._collect(collector, None, batch.support_noise, num_steps)
         with torch.enable_grad():
@@ -247,7 +255,7 @@ class MetaRLModule(L.LightningModule):
             losses.append(loss)
 
         world = self.trainer.world_size
-        steps_this_iteration = (support.num_steps + query.num_steps) * world
+        steps_this_iteration = (query.num_steps + (0 if support is query else support.num_steps)) * world
         self.env_steps += steps_this_iteration
         elapsed = time.perf_counter() - started
         first, last = losses[0], losses[-1]

@@ -21,6 +21,7 @@ from metarl_lightning.algorithms.gae import generalized_advantage_estimate
 from metarl_lightning.algorithms.ppo import LOG_SQRT_2PI
 from metarl_lightning.algorithms.ppo import normalize_advantages
 from metarl_lightning.envs.base import StepResult, TaskVectorEnv
+from metarl_lightning.envs.context import context_dim, context_features
 from metarl_lightning.policies.base import ActorCritic
 from metarl_lightning.policies.acting import ActingStep
 from metarl_lightning.rollout_values import rollout_values
@@ -42,7 +43,8 @@ class Rollout:
         rewards: ``[K, E, T]``.
         terminated: ``[K, E, T]`` bool.
         truncated: ``[K, E, T]`` bool.
-        resets: ``[K, E, T]`` bool, recurrent state zeroed before step ``t``.
+        resets: ``[K, E, T]`` bool, recurrent state zeroed before step ``t`` (an episode start with
+            ``reset_state_on: episode``, a trial start with ``trial``).
         initial_state: ``[K, E, *S]`` recurrent state before step 0.
         episode_return: ``[K]`` mean undiscounted return of the episodes each agent finished.
         episode_success: ``[K]`` share of those episodes with a success at any step.
@@ -70,6 +72,13 @@ class Rollout:
         """Environment steps in this rollout (``K * E * T``)."""
         return self.rewards.numel()
 
+    def value_boundaries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(terminated, truncated)`` as the returns see them: cut only where the state resets.
+
+        See :func:`value_boundaries`.
+        """
+        return value_boundaries(self.terminated, self.truncated, self.resets)
+
     def compute_advantages(
         self, gamma: float, gae_lambda: float, reward_scale: float = 1.0, baseline: BaselineKind = "critic"
     ) -> None:
@@ -81,18 +90,46 @@ class Rollout:
         agent's own rollout (:mod:`~metarl_lightning.algorithms.baselines`).
         """
         rewards = self.rewards * reward_scale
+        terminated, truncated = self.value_boundaries()
         if baseline == "linear":
-            values, next_values = linear_baseline_values(self.observations, rewards, self.terminated, self.truncated, gamma)
+            values, next_values = linear_baseline_values(self.observations, rewards, terminated, truncated, gamma)
         else:
             values, next_values = self.values, self.next_values
         self.advantages, self.returns = generalized_advantage_estimate(
-            rewards, values, next_values, self.terminated, self.truncated, gamma, gae_lambda
+            rewards, values, next_values, terminated, truncated, gamma, gae_lambda
         )
 
     def normalized_advantages(self, eps: float = 1e-8) -> torch.Tensor:
         """Advantages normalised per agent (over its ``E x T`` samples): ``[K, E, T]``."""
         assert self.advantages is not None, "call compute_advantages first"
         return normalize_advantages(self.advantages, dim=(1, 2), eps=eps)
+
+
+def trial_ends(resets: torch.Tensor) -> torch.Tensor:
+    """``[..., T]`` bool: step ``t`` is the last of its trial (the state resets before ``t + 1``, or
+    the rollout ends at ``t``)."""
+    return torch.cat([resets[..., 1:], torch.ones_like(resets[..., :1])], dim=-1)
+
+
+def value_boundaries(
+    terminated: torch.Tensor, truncated: torch.Tensor, resets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Episode ends that also end the return: those where the recurrent state resets after them.
+
+    With ``reset_state_on: episode`` the state resets after every episode end, so these are the
+    episode ends themselves. Inside a trial (``trial``) an episode end is not an end of the return:
+    what the agent does in episode 1 (explore) pays off in episode 2, as RL^2 optimises the return
+    of the whole trial, and the value of the next episode's first step (same memory) follows.
+
+    Args:
+        terminated, truncated: ``[..., T]`` bool, the episode ended at ``t``.
+        resets: ``[..., T]`` bool, the state was zeroed before step ``t``.
+
+    Returns:
+        ``(terminated & trial_end, truncated & trial_end)``.
+    """
+    ends = trial_ends(resets)
+    return terminated & ends, truncated & ends
 
 
 def act_step(
@@ -148,7 +185,8 @@ class _Lane:
         n = (stop - start) * envs_per_agent
         self.shape = (stop - start, envs_per_agent)
         self.state = self.next_state = acting.initial_state()
-        self.obs: torch.Tensor | None = None
+        self.obs: torch.Tensor | None = None  # the policy input (with context inputs, if any)
+        self.sent_action: np.ndarray | None = None  # [N_lane, A] clipped, as the env got it
         self.reset: torch.Tensor | None = None
         self.no_reset: torch.Tensor | None = None
         self.rewards = np.empty((num_steps, n), dtype=np.float32)
@@ -160,7 +198,8 @@ class _Lane:
         self.return_sum, self.success_sum, self.episodes = np.zeros(n), np.zeros(n), np.zeros(n)
 
     def tally(self, t: int, result: StepResult) -> np.ndarray:
-        """Record the env side of step ``t``; returns which envs finished an episode."""
+        """Record the env side of step ``t``; returns which envs finished an episode (``episodes``
+        then counts it)."""
         self.rewards[t], self.terminated[t], self.truncated[t] = result.reward, result.terminated, result.truncated
         self.episode_return += result.reward
         self.episode_success |= result.success
@@ -196,8 +235,15 @@ class RolloutCollector:
     Args:
         env: the environments (``num_agents x envs_per_agent``).
         reset_state_on: ``"episode"`` zeroes the recurrent state at every episode start (plain
-            MAML); ``"trial"`` only at the start of a rollout, so memory spans the episodes of one
-            task (in-context adaptation on top of MAML).
+            MAML); ``"trial"`` only at trial starts, so memory spans the episodes of one task
+            (in-context adaptation, alone or on top of MAML). Inside a trial episode ends are not
+            ends of the return either (:func:`value_boundaries`).
+        episodes_per_trial: with ``"trial"``: a trial is this many consecutive episodes of one env;
+            ``None``: the env's whole rollout is one trial.
+        context_reward_scale: append the context inputs (previous action, previous reward times
+            this scale, done flag: :mod:`metarl_lightning.envs.context`) to every observation,
+            zeroed wherever the state is (trial starts, and every rollout start: a task change);
+            ``None``: bare observations.
         action_limit: actions sent to the env are clipped to ``[-action_limit, action_limit]``.
         compile_policy: run the acting step through ``torch.compile`` (one compile per input shape,
             seconds each on a CPU). The native steps of the MLP and SSM policies gain nothing from it
@@ -221,17 +267,41 @@ class RolloutCollector:
         pipeline: bool = False,
         values_after_rollout: bool = True,
         acting_threads: int | None = None,
+        episodes_per_trial: int | None = None,
+        context_reward_scale: float | None = None,
     ) -> None:
         if reset_state_on not in ("episode", "trial"):
             raise ValueError(f"reset_state_on: expected 'episode' or 'trial', got {reset_state_on!r}")
+        if episodes_per_trial is not None and (reset_state_on != "trial" or episodes_per_trial < 1):
+            raise ValueError(f"episodes_per_trial: needs reset_state_on='trial' and a value >= 1, got {episodes_per_trial}")
         self.env = env
         self.reset_state_on = reset_state_on
+        self.episodes_per_trial = episodes_per_trial
+        self.context_reward_scale = context_reward_scale
         self.action_limit = action_limit
         self.pipeline = pipeline
         self.acting_threads = acting_threads
         # A trial-long state cannot take the inserted final observations (see rollout_values).
         self.values_after_rollout = values_after_rollout and reset_state_on == "episode"
         self._act = torch.compile(act_step, dynamic=False) if compile_policy else act_step
+
+    @property
+    def observation_dim(self) -> int:
+        """Size of the policy input: the env's observation plus the context inputs, if any."""
+        extra = 0 if self.context_reward_scale is None else context_dim(self.env.action_dim)
+        return self.env.observation_dim + extra
+
+    def _trial_starts(self, lane: _Lane, done: np.ndarray) -> np.ndarray:
+        """Which envs start a new trial (state and context zeroed) after a step that ended ``done``."""
+        if self.reset_state_on == "episode":
+            return done
+        if self.episodes_per_trial is None:
+            return np.zeros_like(done)
+        return done & (lane.episodes % self.episodes_per_trial == 0)
+
+    def _policy_input(self, obs: np.ndarray, context: np.ndarray | None) -> np.ndarray:
+        """Env observations ``[N, D]`` with the context inputs appended (when they are on)."""
+        return obs if context is None else np.concatenate([obs, context], axis=1)
 
     @torch.no_grad()
     def collect(
@@ -270,7 +340,7 @@ class RolloutCollector:
         # whole rollout (log-probs, next values, the env-side tensors) is done once after the loop.
         # Every microsecond here is paid once per env step unless the other lane's workers run.
         shape = (K, E, num_steps)
-        observations = torch.empty(*shape, env.observation_dim, dtype=dtype, device=device)
+        observations = torch.empty(*shape, self.observation_dim, dtype=dtype, device=device)
         actions = torch.empty(*shape, A, dtype=dtype, device=device)
         values = torch.empty(shape, dtype=dtype, device=device)
         log_std_sums = torch.empty(shape, dtype=dtype, device=device)
@@ -286,9 +356,12 @@ class RolloutCollector:
             noise = action_noise[lane.agents, :, t]
             return self._act(lane.acting, obs, state, reset, noise, self.action_limit, deterministic)
 
+        with_context = self.context_reward_scale is not None
+
         def act_and_send(lane: _Lane, t: int) -> None:
             action, clipped, log_std, value, lane.next_state = act(lane, lane.obs, lane.state, lane.reset, t)
-            stepper.step_async(clipped.reshape(-1, A).cpu().numpy(), lane.index)
+            lane.sent_action = clipped.reshape(-1, A).cpu().numpy()
+            stepper.step_async(lane.sent_action, lane.index)
             observations[lane.agents, :, t] = lane.obs
             actions[lane.agents, :, t] = action
             if value is not None:
@@ -298,23 +371,38 @@ class RolloutCollector:
         def receive(lane: _Lane, t: int) -> None:
             result = stepper.step_wait(lane.index)
             done = lane.tally(t, result)
-            if result.truncated.any():
-                # The last observation before the automatic reset, for the bootstrap value.
-                final_obs = to_tensor(result.final_observation, lane).to(dtype)
+            starts = self._trial_starts(lane, done)
+            # Only truncations that end the return bootstrap (value_boundaries): inside a trial the
+            # next episode's first value follows instead.
+            bootstrapped = result.truncated if (self.reset_state_on == "episode" or t + 1 == num_steps) else result.truncated & starts
+            if bootstrapped.any():
+                # The last observation before the automatic reset, for the bootstrap value; its
+                # context is this step's (not an episode start: done 0).
+                final_context = None
+                if with_context:
+                    final_context = context_features(lane.sent_action, result.reward, np.zeros_like(done), self.context_reward_scale)
+                final_obs = to_tensor(self._policy_input(result.final_observation, final_context), lane).to(dtype)
                 if final_observations is not None:
                     final_observations[lane.agents, :, t] = final_obs
                 else:
                     final_value = act(lane, final_obs, lane.next_state, lane.no_reset, t)[3]
-                    truncated = to_tensor(result.truncated, lane)
+                    truncated = to_tensor(bootstrapped, lane)
                     truncation_values[lane.agents, :, t] = torch.where(truncated, final_value, 0.0)
-            resetting = self.reset_state_on == "episode" and done.any()
+            resetting = starts.any()
             if t + 1 < num_steps:
-                lane.resets[t + 1] = done if resetting else False
-            lane.reset = to_tensor(done, lane) if resetting else lane.no_reset
+                lane.resets[t + 1] = starts
+            lane.reset = to_tensor(starts, lane) if resetting else lane.no_reset
             lane.state = lane.next_state
-            lane.obs = to_tensor(result.observation, lane).to(dtype)
+            context = None
+            if with_context:
+                context = context_features(lane.sent_action, result.reward, done, self.context_reward_scale)
+                context[starts] = 0.0  # a new trial: nothing happened yet
+            lane.obs = to_tensor(self._policy_input(result.observation, context), lane).to(dtype)
 
-        first_obs = torch.as_tensor(env.reset(), device=device).to(dtype).reshape(K, E, -1)
+        # Every rollout starts a trial (the task may have changed): zero context inputs.
+        reset_obs = env.reset()
+        first_context = np.zeros((len(reset_obs), context_dim(A)), dtype=np.float32) if with_context else None
+        first_obs = torch.as_tensor(self._policy_input(reset_obs, first_context), device=device).to(dtype).reshape(K, E, -1)
         threads = torch.get_num_threads()
         if self.acting_threads is not None:
             torch.set_num_threads(self.acting_threads)
@@ -355,10 +443,12 @@ class RolloutCollector:
         else:
             # Bootstrap the step after the last one where the episode is still running.
             last_value = torch.cat([act(lane, lane.obs, lane.state, lane.reset, num_steps - 1)[3] for lane in lanes])
-        # Inside an episode the next value is the next step's value; at a time-limit cut the final
-        # observation's value; after a termination zero (truncation_values is zero there).
+        # Inside an episode (and inside a trial) the next value is the next step's value; at a
+        # time-limit cut that ends the return, the final observation's value; after a termination
+        # zero (truncation_values is zero there).
         following = torch.cat([values[:, :, 1:], last_value.unsqueeze(-1)], dim=-1)
-        next_values = torch.where(terminated | truncated, truncation_values, following)
+        ends_terminated, ends_truncated = value_boundaries(terminated, truncated, resets)
+        next_values = torch.where(ends_terminated | ends_truncated, truncation_values, following)
         # action = mean + std * noise, so its Gaussian log-density needs only the noise and log-std.
         noise_term = 0.0 if deterministic else -0.5 * action_noise[:, :, :num_steps].square().sum(-1)
         log_probs = noise_term - log_std_sums - A * LOG_SQRT_2PI

@@ -1,0 +1,176 @@
+"""In-context adaptation: context inputs, trials, and the state carried across the episodes of a trial.
+
+Oracles: the context of step t is rebuilt by hand from step t-1's action, reward and done; the
+recurrent state is checked by recomputing each trial *alone* from the zero state (equal within a
+trial, proof that the state was zeroed at the trial start) and the second episode of a trial alone
+(different, proof that it was carried); training's parallel scan is compared with the collector's
+acting path and with a step-by-step loop; the evaluation adapter is replayed through ``forward``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call
+
+from metarl_lightning.algorithms.maml import stack_for_agents
+from metarl_lightning.algorithms.ppo import gaussian_log_prob
+from metarl_lightning.data import MetaTaskDataModule
+from metarl_lightning.envs.context import ContextObservation, context_dim, context_features
+from metarl_lightning.envs.navigation import Navigation2DVectorEnv
+from metarl_lightning.errors import ConfigError
+from metarl_lightning.policies import GRUActorCritic, SSMActorCritic
+from metarl_lightning.policies.functional import batched_policy_forward
+from metarl_lightning.rollouts import RolloutCollector, trial_ends, value_boundaries
+
+K, E, HORIZON, EPISODES, PER_TRIAL = 2, 3, 6, 4, 2  # two trials of two episodes per env
+STEPS = HORIZON * EPISODES
+SCALE = 0.5
+POLICIES = {"ssm": SSMActorCritic, "gru": GRUActorCritic}
+
+
+def test_context_features_are_clipped_action_scaled_reward_and_done():
+    action = np.array([[2.0, -0.5], [-3.0, 0.25]])
+    features = context_features(action, np.array([4.0, -1.0]), np.array([True, False]), reward_scale=0.1)
+    assert features.dtype == np.float32 and features.shape == (2, context_dim(2))
+    np.testing.assert_allclose(features, [[1.0, -0.5, 0.4, 1.0], [-1.0, 0.25, -0.1, 0.0]], rtol=1e-6)
+
+
+def test_value_boundaries_cut_the_return_only_where_the_state_resets():
+    truncated = torch.tensor([[False, True, False, True, False, True]])
+    terminated = torch.zeros_like(truncated)
+    resets = torch.tensor([[True, False, False, False, True, False]])  # trials: steps 0-3 and 4-5
+    assert trial_ends(resets).tolist() == [[False, False, False, True, False, True]]
+    _, cut = value_boundaries(terminated, truncated, resets)
+    assert cut.tolist() == [[False, False, False, True, False, True]]  # the episode end at 1 is inside a trial
+
+
+def _nav_rollout(kind: str, seed: int = 0, tasks_seed: int = 0, context: bool = True, **collector_kwargs):
+    torch.manual_seed(seed)
+    env = Navigation2DVectorEnv(K, E, HORIZON)
+    env.set_tasks(env.sample_tasks(K, np.random.default_rng(tasks_seed)))
+    collector = RolloutCollector(
+        env,
+        context_reward_scale=SCALE if context else None,
+        **({"reset_state_on": "trial", "episodes_per_trial": PER_TRIAL} | collector_kwargs),
+    )
+    policy = POLICIES[kind](collector.observation_dim, 2)
+    # Off the initial values (tiny action head, slow modes), so that memory visibly changes actions.
+    params = {k: v.detach() + 0.3 * torch.randn(K, *v.shape[1:]) for k, v in stack_for_agents(dict(policy.named_parameters()), K).items()}
+    noise = torch.randn(K, E, STEPS, 2, generator=torch.Generator().manual_seed(seed + 1))
+    return policy, params, collector, collector.collect(policy, params, STEPS, noise)
+
+
+def test_context_inputs_carry_the_previous_step_and_are_zero_at_trial_starts():
+    _, _, collector, r = _nav_rollout("ssm")
+    assert collector.observation_dim == 2 + context_dim(2)
+    obs, ctx = r.observations[..., :2], r.observations[..., 2:]
+    trial_starts = [0, HORIZON * PER_TRIAL]
+    episode_starts = [HORIZON * i for i in range(EPISODES)]
+    for t in range(STEPS):
+        if t in trial_starts:
+            assert torch.equal(ctx[:, :, t], torch.zeros_like(ctx[:, :, t])), t
+            continue
+        torch.testing.assert_close(ctx[:, :, t, :2], r.actions[:, :, t - 1].clamp(-1, 1), msg=f"action {t}")
+        torch.testing.assert_close(ctx[:, :, t, 2], SCALE * r.rewards[:, :, t - 1], msg=f"reward {t}")
+        expected_done = float(t in episode_starts)  # an episode start inside a trial
+        assert (ctx[:, :, t, 3] == expected_done).all(), t
+        assert bool((r.truncated[:, :, t - 1]).all()) == (t in episode_starts)
+    # The env part is the bare observation: the origin at every episode start.
+    for t in episode_starts:
+        assert torch.equal(obs[:, :, t], torch.zeros_like(obs[:, :, t]))
+
+
+def test_context_is_zero_again_after_a_task_change():
+    _, params, collector, first = _nav_rollout("ssm")
+    policy = POLICIES["ssm"](collector.observation_dim, 2)
+    collector.env.set_tasks(collector.env.sample_tasks(K, np.random.default_rng(7)))
+    second = collector.collect(policy, None, STEPS, torch.randn(K, E, STEPS, 2))
+    assert first.observations[:, :, -1, 2:].abs().sum() > 0  # the last step had a context
+    assert torch.equal(second.observations[:, :, 0, 2:], torch.zeros(K, E, context_dim(2)))
+    assert second.resets[:, :, 0].all()
+
+
+def _segment_values(policy, params, r, start: int, stop: int) -> torch.Tensor:
+    """Values of steps ``start:stop`` recomputed alone, from the zero state with no resets."""
+    obs = r.observations[:, :, start:stop]
+    no_resets = torch.zeros(obs.shape[:3], dtype=torch.bool)
+    return batched_policy_forward(policy, params, obs, r.initial_state, no_resets).value
+
+
+@pytest.mark.parametrize("kind", sorted(POLICIES))
+def test_state_is_carried_within_a_trial_and_zeroed_between_trials(kind):
+    policy, params, _, r = _nav_rollout(kind)
+    trial = HORIZON * PER_TRIAL
+    expected_resets = torch.zeros(STEPS, dtype=torch.bool)
+    expected_resets[[0, trial]] = True
+    assert torch.equal(r.resets, expected_resets.expand(K, E, STEPS))
+    # Training's recomputation (parallel scan for S5) over the whole rollout == the acting path.
+    out = batched_policy_forward(policy, params, r.observations, r.initial_state, r.resets)
+    torch.testing.assert_close(gaussian_log_prob(out.mean, out.log_std, r.actions), r.log_probs, rtol=0, atol=1e-4)
+    torch.testing.assert_close(out.value, r.values, rtol=0, atol=1e-5)
+    # Each trial alone from the zero state gives the same values: the state was zeroed in between ...
+    for start in (0, trial):
+        torch.testing.assert_close(_segment_values(policy, params, r, start, start + trial), r.values[:, :, start : start + trial], rtol=0, atol=1e-5)
+    # ... and the second episode of a trial alone does not: the state was carried into it.
+    alone = _segment_values(policy, params, r, HORIZON, trial)
+    assert (alone - r.values[:, :, HORIZON:trial]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", sorted(POLICIES))
+def test_scan_with_trial_resets_equals_the_step_by_step_state(kind):
+    policy, params, _, r = _nav_rollout(kind)
+    theta = {k: v[0] for k, v in params.items()}
+    obs, resets, state = r.observations[0], r.resets[0], r.initial_state[0]  # agent 0: (E, T, D)
+    scanned = functional_call(policy, theta, (obs, state, resets))
+    h = state
+    for t in range(STEPS):
+        step = functional_call(policy, theta, (obs[:, t : t + 1], h, resets[:, t : t + 1]))
+        torch.testing.assert_close(step.value[:, 0], scanned.value[:, t], rtol=0, atol=1e-5)
+        h = step.state
+    torch.testing.assert_close(h, scanned.state, rtol=0, atol=1e-5)
+
+
+def test_returns_run_through_episode_ends_inside_a_trial():
+    _, _, _, r = _nav_rollout("ssm")
+    trial = HORIZON * PER_TRIAL
+    # Inside the trial the next value is the next episode's first value (same memory) ...
+    torch.testing.assert_close(r.next_values[:, :, HORIZON - 1], r.values[:, :, HORIZON])
+    # ... at a trial end it is the bootstrap from the final observation, not the next trial's first.
+    assert (r.next_values[:, :, trial - 1] - r.values[:, :, trial]).abs().min() > 1e-6
+    r.compute_advantages(gamma=0.9, gae_lambda=1.0)
+    # lambda 1: the return at the first step of a trial is the discounted reward sum of the whole
+    # trial plus the discounted bootstrap at its end.
+    discounts = 0.9 ** torch.arange(trial, dtype=torch.float32)
+    expected = (r.rewards[:, :, :trial] * discounts).sum(-1) + 0.9**trial * r.next_values[:, :, trial - 1]
+    torch.testing.assert_close(r.returns[:, :, 0], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_episode_mode_zeroes_state_and_context_at_every_episode_start():
+    _, _, _, r = _nav_rollout("ssm", reset_state_on="episode", episodes_per_trial=None)
+    starts = torch.arange(STEPS) % HORIZON == 0
+    assert torch.equal(r.resets, starts.expand(K, E, STEPS))
+    assert torch.equal(r.observations[:, :, starts, 2:], torch.zeros(K, E, EPISODES, context_dim(2)))
+
+
+# ---------------------------------------------------------------------------------- data module
+def test_data_module_links_the_context_size_and_refuses_bad_trials():
+    assert MetaTaskDataModule("nav2d").observation_dim == 2
+    assert MetaTaskDataModule("nav2d", context_inputs=True).observation_dim == 2 + 4
+    assert MetaTaskDataModule("ML10", context_inputs=True).observation_dim == 39 + 6
+    assert MetaTaskDataModule("ML10", context_inputs=True).context_reward_scale == 0.1
+    ok = MetaTaskDataModule("nav2d", rollouts_per_task=8, envs_per_task=2, reset_state_on="trial", episodes_per_trial=2)
+    assert ok.episodes_per_trial == 2
+    bad = {
+        "data.context_inputs": dict(benchmark="MT10", context_inputs=True),
+        "data.episodes_per_trial": dict(rollouts_per_task=8, envs_per_task=2, reset_state_on="trial", episodes_per_trial=3),
+        "data.context_reward_scale": dict(context_inputs=True, context_reward_scale=0.0),
+    }
+    for field, kwargs in bad.items():
+        with pytest.raises(ConfigError, match=field):
+            MetaTaskDataModule(**kwargs)
+    with pytest.raises(ConfigError, match="data.episodes_per_trial: needs data.reset_state_on: trial"):
+        MetaTaskDataModule(episodes_per_trial=1)
+    with pytest.raises(ConfigError, match="eval_rollouts_per_task"):
+        MetaTaskDataModule(rollouts_per_task=4, eval_rollouts_per_task=2, reset_state_on="trial", episodes_per_trial=4)
