@@ -273,6 +273,7 @@ class MetaRLModule(L.LightningModule):
             "train/clip_fraction": last.clip_fraction,
             "train/grad_norm": torch.stack(grad_norms).mean(),
         }
+        metrics.update(self._trial_metrics("train", query))
         self.log_dict(metrics, on_step=True, on_epoch=True, sync_dist=world > 1)
         self.log("train/env_steps", self.env_steps.to(torch.float32), on_step=True, on_epoch=False, rank_zero_only=True)
         self.log("train/env_steps_per_s", steps_this_iteration / elapsed, on_step=True, on_epoch=False, rank_zero_only=True)
@@ -281,6 +282,15 @@ class MetaRLModule(L.LightningModule):
         self.log("post_success", query.episode_success.mean(), prog_bar=True, logger=False, on_step=True, on_epoch=False, sync_dist=world > 1)
         self.log("post_return", query.episode_return.mean(), prog_bar=True, logger=False, on_step=True, on_epoch=False, sync_dist=world > 1)
         self.log("steps_per_s", steps_this_iteration / elapsed, prog_bar=True, logger=False, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    @staticmethod
+    def _trial_metrics(prefix: str, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """Return of the first and the last episode of the trials (trial memory only): the
+        in-context gain, without a gradient step, is the difference."""
+        returns = rollout.trial_episode_returns()
+        if len(returns) < 2:
+            return {}
+        return {f"{prefix}/trial_first_episode_return": returns[0], f"{prefix}/trial_last_episode_return": returns[-1]}
 
     # ------------------------------------------------------------------------ distributed helpers
     def _no_backward_sync(self) -> contextlib.AbstractContextManager:
@@ -340,6 +350,7 @@ class MetaRLModule(L.LightningModule):
             f"{prefix}/post_adaptation_return": query.episode_return.mean(),
             f"{prefix}/pre_adaptation_success": support.episode_success.mean(),
             f"{prefix}/post_adaptation_success": query.episode_success.mean(),
+            **self._trial_metrics(prefix, query),
         }
         self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=world > 1, batch_size=batch.num_agents)
 

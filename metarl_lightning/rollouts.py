@@ -79,6 +79,11 @@ class Rollout:
         """
         return value_boundaries(self.terminated, self.truncated, self.resets)
 
+    def trial_episode_returns(self) -> torch.Tensor:
+        """Mean return of the first, second, ... episode of the trials: ``[n]`` (see
+        :func:`trial_episode_returns`)."""
+        return trial_episode_returns(self.rewards, self.terminated, self.truncated, self.resets)
+
     def compute_advantages(
         self, gamma: float, gae_lambda: float, reward_scale: float = 1.0, baseline: BaselineKind = "critic"
     ) -> None:
@@ -130,6 +135,36 @@ def value_boundaries(
     """
     ends = trial_ends(resets)
     return terminated & ends, truncated & ends
+
+
+def trial_episode_returns(
+    rewards: torch.Tensor, terminated: torch.Tensor, truncated: torch.Tensor, resets: torch.Tensor
+) -> torch.Tensor:
+    """Mean undiscounted return of the ``i``-th episode of a trial, for every ``i``: ``[n]``.
+
+    What in-context adaptation shows: later episodes of a trial doing better than the first. Only
+    finished episodes count; an index that no episode finished gets NaN. With ``reset_state_on:
+    episode`` every episode is a trial of one (``n == 1``).
+
+    Args:
+        rewards: ``[..., T]``.
+        terminated, truncated: ``[..., T]`` bool, the episode ended at ``t``.
+        resets: ``[..., T]`` bool, a trial starts at ``t`` (``resets[..., 0]`` must be true).
+    """
+    ends = terminated | truncated
+    index = torch.empty(ends.shape, dtype=torch.long, device=ends.device)
+    running = torch.zeros(ends.shape[:-1], dtype=torch.long, device=ends.device)
+    for t in range(ends.shape[-1]):
+        running = torch.where(resets[..., t], torch.zeros_like(running), running)
+        index[..., t] = running
+        running = running + ends[..., t].long()
+    # A step belongs to a finished episode when an episode end follows it before the next start,
+    # i.e. some end at or after t (episodes change only at ends).
+    finished = ends.flip(-1).long().cummax(-1).values.flip(-1).bool()
+    one_hot = torch.nn.functional.one_hot(index, int(index.max()) + 1).to(rewards.dtype)  # (..., T, n)
+    totals = (rewards * finished).unsqueeze(-1).mul(one_hot).flatten(0, -2).sum(0)  # (n,)
+    counts = ends.to(rewards.dtype).unsqueeze(-1).mul(one_hot).flatten(0, -2).sum(0)  # (n,)
+    return totals / counts  # 0 / 0 = NaN where no episode of that index finished
 
 
 def act_step(

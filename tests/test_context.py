@@ -22,7 +22,7 @@ from metarl_lightning.envs.navigation import Navigation2DVectorEnv
 from metarl_lightning.errors import ConfigError
 from metarl_lightning.policies import GRUActorCritic, SSMActorCritic
 from metarl_lightning.policies.functional import batched_policy_forward
-from metarl_lightning.rollouts import RolloutCollector, trial_ends, value_boundaries
+from metarl_lightning.rollouts import RolloutCollector, trial_ends, trial_episode_returns, value_boundaries
 
 K, E, HORIZON, EPISODES, PER_TRIAL = 2, 3, 6, 4, 2  # two trials of two episodes per env
 STEPS = HORIZON * EPISODES
@@ -174,3 +174,14 @@ def test_data_module_links_the_context_size_and_refuses_bad_trials():
         MetaTaskDataModule(episodes_per_trial=1)
     with pytest.raises(ConfigError, match="eval_rollouts_per_task"):
         MetaTaskDataModule(rollouts_per_task=4, eval_rollouts_per_task=2, reset_state_on="trial", episodes_per_trial=4)
+
+
+def test_trial_episode_returns_average_the_ith_episode_of_every_trial():
+    _, _, _, r = _nav_rollout("ssm")
+    per_episode = r.rewards.reshape(K, E, EPISODES, HORIZON).sum(-1)  # episodes 0, 1 | 2, 3 form trials
+    expected = torch.stack([per_episode[:, :, [0, 2]].mean(), per_episode[:, :, [1, 3]].mean()])
+    torch.testing.assert_close(r.trial_episode_returns(), expected)
+    # A rollout cut in the middle of an episode: the unfinished episode does not count.
+    cut = trial_episode_returns(*(x[..., : STEPS - 2] for x in (r.rewards, r.terminated, r.truncated, r.resets)))
+    torch.testing.assert_close(cut, torch.stack([per_episode[:, :, [0, 2]].mean(), per_episode[:, :, 1].mean()]))
+
