@@ -187,3 +187,18 @@ def test_scripted_expert_still_succeeds_through_the_context_wrapper() -> None:
     finally:
         envs.close()
     assert result["success_rate"] == 1.0, result
+
+
+def test_evaluation_callback_evaluates_with_the_data_modules_in_context_settings() -> None:
+    from types import SimpleNamespace
+
+    from callbacks.evaluation import MetaWorldEvaluation
+
+    dm = SimpleNamespace(benchmark="ML1", env_name="reach-v3", seed=0, max_episode_steps=500, fast_envs=True,
+                         benchmark_cache_dir=None, task_one_hot=False, context_inputs=True, context_reward_scale=0.1,
+                         reset_state_on="trial")
+    settings = MetaWorldEvaluation()._settings(SimpleNamespace(datamodule=dm))
+    assert settings["context_reward_scale"] == 0.1 and settings["trial_memory"] is True
+    dm.context_inputs, dm.reset_state_on = False, "episode"
+    settings = MetaWorldEvaluation()._settings(SimpleNamespace(datamodule=dm))
+    assert settings["context_reward_scale"] is None and settings["trial_memory"] is False
