@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks import rng_state
 from callbacks.atomic_io import commit, temporary_path
+from metarl_lightning.checks.checkpoint import POLICY_CONFIG_KEY
 
 RNG_KEY = "rng_states"
 
@@ -63,6 +64,8 @@ class RunCheckpoint(ModelCheckpoint):
         )
         self._evaluated_this_epoch = False
         self._pending_rng: list[dict[str, Any]] | None = None
+        # ``{"class_path", "init_args"}`` of the policy, set by the CLI (the module only holds the instance).
+        self.policy_config: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------ where
     def _default_dirpath(self, trainer: L.Trainer) -> None:
@@ -123,8 +126,10 @@ class RunCheckpoint(ModelCheckpoint):
 
     # ----------------------------------------------------------------------------- RNG in, RNG out
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Add the RNG state of every rank (index = global rank)."""
+        """Add the RNG state of every rank (index = global rank) and the policy's config (set by the CLI)."""
         checkpoint[RNG_KEY] = rng_state.capture_all_ranks(trainer.world_size)
+        if self.policy_config is not None:
+            checkpoint[POLICY_CONFIG_KEY] = self.policy_config
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Keep the saved RNG state for the first training epoch (restoring now would be consumed by set-up)."""

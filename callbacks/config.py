@@ -18,6 +18,8 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 # MLflow rejects parameter values longer than this (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH).
 _MAX_PARAM_LENGTH = 6000
+# LightningCLI's own sections that this project does not use (manual optimisation builds its optimiser).
+_NOT_PARAMS = ("config", "optimizer", "lr_scheduler")
 
 
 def flatten_config(config: Any, prefix: str = "") -> dict[str, str]:
@@ -57,8 +59,8 @@ class SaveConfigToRun(SaveConfigCallback):
                 config = self.parser.dump(self.config, skip_none=False, format="json")
                 import json
 
-                params = flatten_config(json.loads(config))
-                params.pop("config", None)
+                tree = json.loads(config)
+                params = flatten_config({k: v for k, v in tree.items() if k not in _NOT_PARAMS})
                 existing = logger.experiment.get_run(logger.run_id).data.params
                 # A resumed run already has its params; MLflow refuses to change a logged value.
                 fresh = {k: v for k, v in params.items() if k not in existing}

@@ -1,5 +1,6 @@
 """The MLflow run's life: tags, status, continuation on resume, stale runs, checkpoint upload.
 
+* The experiment is tagged a training experiment (``mlflow.experimentKind``), not a GenAI one.
 * Tags: benchmark, env name, policy class, stage, run folder, git commit (``mlflow.source.git.commit``,
   which the UI shows) when the code is in a git checkout.
 * Every checkpoint carries ``checkpoint["mlflow"] = {run_id, experiment_id, tracking_uri}``; the CLI
@@ -10,7 +11,7 @@
   run and the process (pid, host); teardown removes it. A later start in the same folder that finds
   the file with a dead pid on this host marks that run KILLED if it is still RUNNING (a resume of the
   same run instead continues it).
-* A kill between writing ``last.ckpt`` and Lightning logging that epoch's ``*_epoch`` metrics would
+* A kill between writing ``last.ckpt`` and Lightning logging that epoch's ``train/*`` metrics would
   lose them; the callback keeps them in its checkpoint state and a resume logs whichever are missing.
 """
 
@@ -32,6 +33,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from callbacks.mlflow_logger import MLflowRunLogger
 
 CHECKPOINT_KEY = "mlflow"
+# The experiment type the MLflow 3 UI reads (its "custom model development" = a training experiment).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 ACTIVE_RUN_FILE = ".mlflow_active_run.json"
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,6 +42,14 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def mlflow_loggers(trainer: L.Trainer) -> list[MLFlowLogger]:
     """The trainer's MLflow loggers."""
     return [logger for logger in trainer.loggers if isinstance(logger, MLFlowLogger)]
+
+
+def upload_artifact(logger: MLFlowLogger, path: str, artifact_path: str | None = None) -> None:
+    """``log_artifact`` through :meth:`MLflowRunLogger.guarded` (a failing server does not end the run)."""
+    if isinstance(logger, MLflowRunLogger):
+        logger.guarded("uploading artifacts", logger.experiment.log_artifact, logger.run_id, path, artifact_path)
+    else:
+        logger.experiment.log_artifact(logger.run_id, path, artifact_path)
 
 
 def git_commit(path: str = _REPO_ROOT) -> tuple[str, bool] | None:
@@ -116,6 +127,10 @@ class MLflowRunCallback(Callback):
             return
         for logger in mlflow_loggers(trainer):
             client, run_id = logger.experiment, logger.run_id
+            experiment = client.get_experiment(logger.experiment_id)
+            if EXPERIMENT_KIND_TAG not in experiment.tags:
+                # MLflow 3 opens an experiment without a kind as a GenAI traces page.
+                client.set_experiment_tag(logger.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             if isinstance(logger, MLflowRunLogger) and logger.resuming and stage == "fit":
                 client.update_run(run_id, status="RUNNING")
                 resumes = int(client.get_run(run_id).data.tags.get("metarl.resume_count", "0")) + 1
@@ -180,8 +195,7 @@ class MLflowRunCallback(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Keep this epoch's epoch-level metrics: the checkpoint is written before Lightning logs them."""
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith("_epoch") and v.numel() == 1}
-        metrics["epoch"] = float(trainer.current_epoch)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/") and v.numel() == 1}
         # The step Lightning will log them at (it decrements this counter around the epoch-end log).
         step = trainer.fit_loop.epoch_loop._batches_that_stepped - 1
         self._epoch_metrics = {"step": step, "metrics": metrics}
@@ -220,7 +234,7 @@ class MLflowRunCallback(Callback):
                     paths.append(path)
         for logger in mlflow_loggers(trainer):
             for path in paths:
-                logger.experiment.log_artifact(logger.run_id, path, "checkpoints")
+                upload_artifact(logger, path, "checkpoints")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Upload the checkpoints (the run is then finalised FINISHED by the logger)."""

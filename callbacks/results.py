@@ -43,7 +43,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.atomic_io import write_atomic, write_json_atomic
 from callbacks.curves import plot_training_curves
-from callbacks.mlflow_run import mlflow_loggers
+from callbacks.mlflow_run import mlflow_loggers, upload_artifact
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
@@ -127,7 +127,7 @@ class ResultsWriter(Callback):
         entry["step"] -= 1  # the step the epoch's last iteration was logged at
         entry["wall_time_s"] = round(self._wall_time(), 3)
         for key in TRAIN_KEYS:
-            entry[key] = _scalar(metrics, f"train/{key}_epoch")
+            entry[key] = _scalar(metrics, f"train/{key}")
         self.train.append(entry)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -236,7 +236,7 @@ class ResultsWriter(Callback):
         if self.log_to_mlflow:
             for logger in mlflow_loggers(trainer):
                 for path in paths:
-                    logger.experiment.log_artifact(logger.run_id, path)
+                    upload_artifact(logger, path)
 
 
 def _write_per_task_csv(entries: list[dict[str, Any]], path: str) -> None:

@@ -17,7 +17,7 @@ class EpochMetrics(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = trainer.callback_metrics
-        self.history.append({k: float(v) for k, v in metrics.items() if k.endswith("_epoch")})
+        self.history.append({k: float(v) for k, v in metrics.items() if k.startswith("train/")})
 
 
 def quiet_trainer(max_epochs: int, callbacks: list[L.Callback], **kwargs) -> L.Trainer:

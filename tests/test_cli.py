@@ -1,10 +1,13 @@
 """The command line: every shipped config parses, and bad input fails with one clear line."""
 
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from callbacks.evaluation import MetaWorldEvaluation
 from cli import MetaRLCLI
@@ -53,35 +56,88 @@ def test_the_official_protocol_overlay_sets_the_published_counts(tmp_path):
     assert evaluation.every_n_epochs == 0
 
 
+NAV2D = ["--config", str(ROOT / "configs/nav2d.yaml")]
+
+# name -> (arguments after `fit`, field named in the error, what the error says is allowed / wrong).
 BAD_INPUTS = {
-    "unknown benchmark": (["--data.benchmark", "ML11"], "data.benchmark", "ML10"),
-    "unknown env name": (["--data.benchmark", "ML1", "--data.env_name", "reach-v9"], "data.env_name", "reach-v3"),
-    "meta-batch <= 0": (["--data.meta_batch_size", "0"], "data.meta_batch_size", ">= 1"),
-    "negative meta lr": (["--model.meta_lr", "-0.1"], "model.meta_lr", "> 0"),
-    "negative inner lr": (["--model.inner_lr", "-1"], "model.inner_lr", ">= 0"),
-    "negative inner steps": (["--model.inner_steps", "-1"], "model.inner_steps", ">= 0"),
-    "envs do not divide": (["--data.rollouts_per_task", "10", "--data.envs_per_task", "3"], "data.envs_per_task", "divide"),
+    "unknown benchmark": ([*NAV2D, "--data.benchmark", "ML11"], "data.benchmark", "ML10"),
+    "unknown env name": ([*NAV2D, "--data.benchmark", "ML1", "--data.env_name", "reach-v9"], "data.env_name", "reach-v3"),
+    "env name for MT10": ([*NAV2D, "--data.benchmark", "MT10", "--data.env_name", "reach-v3", "--data.meta_batch_size", "10"], "data.env_name", "MT1 and ML1"),
+    "MT10 meta-batch not a multiple": ([*NAV2D, "--data.benchmark", "MT10", "--data.meta_batch_size", "4"], "data.meta_batch_size", "multiple of the 10"),
+    "meta-batch <= 0": ([*NAV2D, "--data.meta_batch_size", "0"], "data.meta_batch_size", ">= 1"),
+    "negative meta lr": ([*NAV2D, "--model.meta_lr", "-0.1"], "model.meta_lr", "> 0"),
+    "meta lr not a number": ([*NAV2D, "--model.meta_lr", "abc"], "model.meta_lr", "float"),
+    "unknown key": ([*NAV2D, "--model.bogus", "1"], "--model.bogus", "unrecognized"),
+    "negative inner lr": ([*NAV2D, "--model.inner_lr", "-1"], "model.inner_lr", ">= 0"),
+    "negative inner steps": ([*NAV2D, "--model.inner_steps", "-1"], "model.inner_steps", ">= 0"),
+    "envs do not divide": ([*NAV2D, "--data.rollouts_per_task", "10", "--data.envs_per_task", "3"], "data.envs_per_task", "divide"),
+    "width 0": ([*NAV2D, "--model.policy.init_args.hidden_dim", "0"], "model.policy.init_args.hidden_dim", ">= 1"),
+    "negative SSM width": ([*NAV2D, "--model.policy.init_args.state_dim", "-4"], "model.policy.init_args.state_dim", ">= 1"),
+    "max_epochs -5": ([*NAV2D, "--trainer.max_epochs", "-5"], "trainer.max_epochs", ">= 0"),
+    "validation every 0 epochs": ([*NAV2D, "--trainer.check_val_every_n_epoch", "0"], "trainer.check_val_every_n_epoch", ">= 1"),
+    "episodes of 1e9 steps": ([*NAV2D, "--data.max_episode_steps", "1000000000"], "data", "is available"),
+    "1000 eval tasks on ML1": (["--config", str(ROOT / "configs/ml1.yaml"), "--data.num_eval_tasks", "1000"], "data", "evaluation envs"),
     "missing config file": (["--config", "configs/does-not-exist.yaml"], "does-not-exist.yaml", "does not exist"),
+    "YAML syntax error": (["--config", "{broken}"], "Problems parsing config", "line 3"),
+    "unknown key in YAML": (["--config", "{unknown}"], "not_a_key", "not_a_key"),
+    "missing checkpoint": ([*NAV2D, "--ckpt_path", "{missing}"], "ckpt_path", "does not exist"),
+    "truncated checkpoint": ([*NAV2D, "--ckpt_path", "{truncated}"], "ckpt_path", "not a readable checkpoint"),
+    "foreign checkpoint": ([*NAV2D, "--ckpt_path", "{foreign}"], "ckpt_path", "not a metarl-lightning checkpoint"),
+    "root dir is a file": ([*NAV2D, "--trainer.default_root_dir", "{a_file}"], "trainer.default_root_dir", "not a directory"),
+    "sqlite in a missing folder": ([*NAV2D, "--trainer.logger.init_args.tracking_uri", "sqlite:///no/such/folder/m.db"], "tracking_uri", "does not exist"),
+    "unreachable tracking server": ([*NAV2D, "--trainer.logger.init_args.tracking_uri", "http://127.0.0.1:{port}"], "tracking_uri", "cannot reach"),
 }
+if not torch.cuda.is_available():
+    BAD_INPUTS["GPU on a CPU machine"] = ([*NAV2D, "--trainer.accelerator", "gpu"], "trainer", "gpu")
+
+
+def _bad_files(tmp_path: Path) -> dict[str, str]:
+    """The files the bad inputs name: broken YAML, a config with an unknown key, bad checkpoints."""
+    (tmp_path / "broken.yaml").write_text("model:\n  meta_lr: 0.1\n   inner_lr: [\n")
+    (tmp_path / "unknown.yaml").write_text("model:\n  not_a_key: 1\n")
+    (tmp_path / "truncated.ckpt").write_bytes(b"PK\x03\x04" + b"\0" * 200)
+    torch.save({"state_dict": {}, "epoch": 3}, tmp_path / "foreign.ckpt")
+    (tmp_path / "a_file").write_text("not a folder")
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    names = {name: str(tmp_path / f"{name}.yaml") for name in ("broken", "unknown")}
+    names.update({name: str(tmp_path / f"{name}.ckpt") for name in ("missing", "truncated", "foreign")})
+    return {**names, "a_file": str(tmp_path / "a_file"), "port": str(port)}
 
 
 def test_bad_input_fails_with_one_line_naming_the_field(tmp_path):
-    # One subprocess per case (they must really exit), started together to share the import cost.
-    procs = {
-        name: subprocess.Popen(
-            [sys.executable, str(ROOT / "cli.py"), "fit", "--config", str(ROOT / "configs/nav2d.yaml"), *args, "--trainer.logger", "false"],
-            cwd=ROOT if name == "missing config file" else tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name, (args, _, _) in BAD_INPUTS.items()
-    }
-    for name, proc in procs.items():
-        _, stderr = proc.communicate(timeout=300)
-        _, field, allowed = BAD_INPUTS[name]
-        error_lines = [line for line in stderr.splitlines() if line.startswith("error:")]
-        assert proc.returncode != 0, name
-        assert len(error_lines) == 1, f"{name}: {stderr}"
-        assert field in error_lines[0] and allowed in error_lines[0], f"{name}: {error_lines[0]}"
-        assert "Traceback" not in stderr, f"{name}: {stderr}"
+    """Each bad input: exit 2, exactly one line on stderr (no usage dump, no traceback), nothing written."""
+    files = _bad_files(tmp_path)
+    root = tmp_path / "run"
+    base = ["--trainer.default_root_dir", str(root), "--trainer.logger.init_args.tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    cases = list(BAD_INPUTS.items())
+    for start in range(0, len(cases), 6):  # a few at a time: each process imports torch and Lightning
+        procs = {}
+        for name, (args, _, _) in cases[start : start + 6]:
+            args = [a.format(**files) for a in args]
+            procs[name] = subprocess.Popen(
+                [sys.executable, str(ROOT / "cli.py"), "fit", *base, *args],
+                cwd=ROOT if name == "missing config file" else tmp_path,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+        for name, proc in procs.items():
+            _, stderr = proc.communicate(timeout=300)
+            _, field, allowed = BAD_INPUTS[name]
+            lines = stderr.splitlines()
+            assert proc.returncode == 2, f"{name}: exit {proc.returncode}: {stderr[-2000:]}"
+            assert len(lines) == 1 and lines[0].startswith("error: "), f"{name}: {stderr[-3000:]}"
+            assert field in lines[0] and allowed in lines[0], f"{name}: {lines[0]}"
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists(), "a refused start created an MLflow store"
+    assert not root.exists() or not any(root.iterdir()), f"a refused start wrote {sorted(root.rglob('*'))}"
+
+
+def test_errors_are_printed_by_the_primary_process_only(tmp_path):
+    """Under DDP every rank fails on the same bad value; only rank 0 prints it (no interleaved lines)."""
+    env = {**os.environ, "LOCAL_RANK": "1", "NODE_RANK": "0"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), "fit", *NAV2D, "--model.meta_lr", "-1", "--trainer.logger", "false",
+         "--trainer.default_root_dir", str(tmp_path / "run")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stderr == "", done.stderr[-2000:]

@@ -17,10 +17,10 @@ def _mean(history, key, epochs):
 
 
 def assert_learns_to_adapt(history):
-    pre0 = history[0]["train/pre_adaptation_return_epoch"]
-    post0 = history[0]["train/post_adaptation_return_epoch"]
-    pre = _mean(history, "train/pre_adaptation_return_epoch", 5)
-    post = _mean(history, "train/post_adaptation_return_epoch", 5)
+    pre0 = history[0]["train/pre_adaptation_return"]
+    post0 = history[0]["train/post_adaptation_return"]
+    pre = _mean(history, "train/pre_adaptation_return", 5)
+    post = _mean(history, "train/post_adaptation_return", 5)
     assert post - pre > 8.0, f"adaptation gain too small: pre {pre:.1f}, post {post:.1f}"
     assert pre > pre0 + 25.0, f"pre-adaptation return did not improve: {pre0:.1f} -> {pre:.1f}"
     assert post > post0 + 12.0, f"post-adaptation return did not improve: {post0:.1f} -> {post:.1f}"

@@ -37,10 +37,17 @@ def _check_fit_run(client: MlflowClient, run_id: str, epochs: int, tmp_path: Pat
     assert params["data.benchmark"] == "nav2d" and params["data.meta_batch_size"] == "2"
     assert params["model.policy.class_path"] == "metarl_lightning.policies.SSMActorCritic"
     assert params["trainer.max_epochs"] == str(epochs) and params["checkpoint.monitor"] == "val/post_adaptation_return"
-    for key in ("train/post_adaptation_return_step", "train/meta_loss_step", "train/env_steps"):
+    for key in ("train/post_adaptation_return", "train/meta_loss", "train/env_steps", "train/pre_adaptation_return"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(epochs)), key
-    for key in ("train/pre_adaptation_return_epoch", "train/post_adaptation_success_epoch"):
-        assert len(client.get_metric_history(run_id, key)) == epochs, key
+    # Each metric once: no `_step`/`_epoch` twins, no Lightning epoch counter, no progress-bar-only values.
+    metrics = set(run.data.metrics)
+    assert not {k for k in metrics if k.endswith(("_step", "_epoch"))}, sorted(metrics)
+    assert not metrics & {"epoch", "post_return", "post_success", "steps_per_s", "eval_success"}, sorted(metrics)
+    # Params once, with the dotted config keys, without Lightning internals.
+    assert not {k for k in params if "." not in k and not k.startswith("versions")} - {"seed_everything", "ckpt_path", "weights_only"}, sorted(params)
+    assert not {k for k in params if k.split(".")[0] in ("optimizer", "lr_scheduler") or "_instantiator" in k}, sorted(params)
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert len(client.get_metric_history(run_id, "val/post_adaptation_return")) == epochs // 2
     tags = run.data.tags
     assert tags["benchmark"] == "nav2d" and tags["policy_class"].endswith("SSMActorCritic")

@@ -37,6 +37,8 @@ from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 from metaworld.types import Task
 
 BENCHMARKS: tuple[str, ...] = ("MT1", "MT10", "MT50", "ML1", "ML10", "ML45")
+# Classes of the (train, test) split of each benchmark: known without building it.
+CLASS_COUNTS: dict[str, tuple[int, int]] = {"MT1": (1, 1), "MT10": (10, 10), "MT50": (50, 50), "ML1": (1, 1), "ML10": (10, 5), "ML45": (45, 5)}
 """Benchmark names accepted by :func:`make_benchmark`."""
 
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -168,7 +170,8 @@ def _group(tasks: list[Task], classes: list[str]) -> dict[str, list[Task]]:
     return grouped
 
 
-def _validate(name: str, env_name: str | None) -> None:
+def check_names(name: str, env_name: str | None) -> None:
+    """Raise ``ValueError`` (``"<field>: ..."``) for an unknown benchmark or an env name it does not take."""
     if name not in BENCHMARKS:
         raise ValueError(f"benchmark: unknown {name!r}; valid: {', '.join(BENCHMARKS)}")
     if name in ("MT1", "ML1"):
@@ -193,7 +196,7 @@ def build_benchmark(name: str, env_name: str | None = None, seed: int = 0) -> Be
     Raises:
         ValueError: a one-line message naming the bad field and listing the valid values.
     """
-    _validate(name, env_name)
+    check_names(name, env_name)
     if name in ("MT1", "ML1"):
         mw = getattr(metaworld, name)(env_name, seed=seed)
     else:
@@ -249,7 +252,7 @@ def make_benchmark(
     Raises:
         ValueError: a one-line message naming the bad field and listing the valid values.
     """
-    _validate(name, env_name)
+    check_names(name, env_name)
     if not use_cache:
         return build_benchmark(name, env_name, seed)
     path = cache_path(name, env_name, seed, cache_dir)

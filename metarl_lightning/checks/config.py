@@ -1,0 +1,64 @@
+"""Config values that Lightning or the builders would only reject late (mid-run, or after an MLflow
+run and output files exist): checked on the parsed config, before anything is instantiated."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from metarl_lightning.envs.benchmarks import CLASS_COUNTS, check_names
+from metarl_lightning.errors import ConfigError, require
+
+# Policy sizes that must be positive (a width of 0 would train a policy of nothing for hours).
+_POSITIVE_POLICY_ARGS = ("hidden_dim", "state_dim", "num_layers", "hidden_size", "num_heads")
+
+
+def check_trainer(trainer: Mapping[str, Any]) -> None:
+    """Epoch counts and evaluation cadence (Lightning divides by ``check_val_every_n_epoch``)."""
+    every = trainer.get("check_val_every_n_epoch")
+    require(every is None or every >= 1, "trainer.check_val_every_n_epoch", f"must be >= 1 or null, got {every}")
+    max_epochs = trainer.get("max_epochs")
+    require(max_epochs is None or max_epochs >= -1, "trainer.max_epochs", f"must be >= 0 (or -1: no limit), got {max_epochs}")
+    min_epochs = trainer.get("min_epochs")
+    require(min_epochs is None or min_epochs >= 0, "trainer.min_epochs", f"must be >= 0, got {min_epochs}")
+
+
+def check_policy(policy: Mapping[str, Any]) -> None:
+    """Positive sizes: widths, state sizes, layer counts, MLP hidden sizes."""
+    init_args = dict(policy.get("init_args") or {})
+    for key in _POSITIVE_POLICY_ARGS:
+        value = init_args.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            require(value >= 1, f"model.policy.init_args.{key}", f"must be >= 1, got {value}")
+    sizes = init_args.get("hidden_sizes")
+    if isinstance(sizes, (list, tuple)):
+        require(all(int(s) >= 1 for s in sizes), "model.policy.init_args.hidden_sizes", f"every size must be >= 1, got {list(sizes)}")
+
+
+def check_benchmark(data: Mapping[str, Any], fit: bool) -> None:
+    """Benchmark and env name, and meta-batch sizes that cover every class evenly.
+
+    Args:
+        data: the ``data`` section.
+        fit: whether the training set is built (``validate``/``test`` build the evaluation set only).
+    """
+    benchmark = data.get("benchmark")
+    if benchmark not in CLASS_COUNTS:
+        return  # nav2d, or an unknown name the data module reports
+    try:
+        check_names(benchmark, data.get("env_name"))
+    except ValueError as error:
+        raise ConfigError(f"data.{error}") from None
+    train_classes, test_classes = CLASS_COUNTS[benchmark]
+    meta_batch_size = data.get("meta_batch_size")
+    num_eval_tasks = data.get("num_eval_tasks") or meta_batch_size
+    sizes = [("data.num_eval_tasks", num_eval_tasks, test_classes, "test")]
+    if fit:
+        sizes.insert(0, ("data.meta_batch_size", meta_batch_size, train_classes, "train"))
+    for field, size, classes, split in sizes:
+        if isinstance(size, int) and size >= 1:
+            require(
+                size % classes == 0,
+                field,
+                f"{size} is not a multiple of the {classes} {split} classes of {benchmark}; use one of {classes}, {2 * classes}, {3 * classes}, ...",
+            )
