@@ -75,7 +75,7 @@ class MetaTaskDataModule(L.LightningDataModule):
     Args:
         benchmark: ``nav2d`` (2-D point navigation, MAML paper) or a Meta-World benchmark:
             MT1, MT10, MT50, ML1, ML10, ML45.
-        env_name: the environment of MT1/ML1 (e.g. ``reach-v3``); ignored otherwise.
+        env_name: the environment of MT1/ML1 (e.g. ``reach-v3``); must be null for the other benchmarks.
         meta_batch_size: task-agents per meta-iteration (over all ranks; must divide by the number
             of ranks).
         rollouts_per_task: trajectories per task for support and for query rollouts
