@@ -24,8 +24,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from metarl_lightning.algorithms.maml import inner_update, stack_for_agents
-from metarl_lightning.algorithms.ppo import PPOLoss
+from metarl_lightning.algorithms.maml import agent_chunks, inner_update, stack_for_agents
+from metarl_lightning.algorithms.ppo import PPOLoss, weighted_mean_loss
 from metarl_lightning.errors import require
 from metarl_lightning.meta_batch import MetaBatch
 from metarl_lightning.objectives import PPOSettings, agents_ppo_loss
@@ -74,6 +74,10 @@ class MetaRLModule(L.LightningModule):
         learn_inner_lr: Meta-SGD (Li et al. 2017): meta-learn one inner step size per adapted
             parameter element, starting at ``inner_lr`` (kept positive as ``exp`` of a log step, with
             the optimiser's ``meta_lr`` and no weight decay).
+        agent_chunk_size: compute the meta-gradient over this many agents at a time (``null``: all at
+            once). The meta-loss is a mean over agents, so the summed chunk gradients equal the
+            one-piece gradient (to float rounding) while the backward holds one chunk's graph: peak
+            learner memory falls with the chunk (docs/benchmarks.md), time per update hardly changes.
         baseline: what GAE subtracts, in the inner and the outer loss alike: ``critic`` (the policy's
             meta-learned value head) or ``linear`` (a linear feature baseline fitted by least squares
             on each task's own rollouts, the reference MAML recipe: a meta-learned critic cannot know
@@ -108,6 +112,7 @@ class MetaRLModule(L.LightningModule):
         baseline: BaselineKind = "critic",
         inner_parameters: Literal["all", "head"] = "all",
         learn_inner_lr: bool = False,
+        agent_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         require(meta_lr > 0, "model.meta_lr", f"must be > 0, got {meta_lr}")
@@ -125,6 +130,7 @@ class MetaRLModule(L.LightningModule):
         require(target_kl is None or target_kl > 0, "model.target_kl", f"must be > 0 or null, got {target_kl}")
         require(baseline in ("critic", "linear"), "model.baseline", f"must be 'critic' or 'linear', got {baseline!r}")
         require(weight_decay >= 0, "model.weight_decay", f"must be >= 0, got {weight_decay}")
+        require(agent_chunk_size is None or agent_chunk_size >= 1, "model.agent_chunk_size", f"must be >= 1 or null, got {agent_chunk_size}")
         self.save_hyperparameters(ignore=["policy"])
         self.automatic_optimization = False
         self.policy = policy
@@ -221,12 +227,16 @@ class MetaRLModule(L.LightningModule):
         if self.hparams.inner_steps == 0:
             query = self._collect(collector, None, batch.query_noise, num_steps)
             return query, query
-        theta = stack_for_agents(self._meta_parameters(), batch.num_agents)
         support = self._collect(collector, None, batch.support_noise, num_steps)
-        with torch.enable_grad():
-            # First order suffices to *act* with theta_k'; the graph is rebuilt in the update.
-            leaf = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
-            adapted = self._adapt(leaf, support, first_order=True)
+        pieces = []
+        for index in agent_chunks(batch.num_agents, self.hparams.get("agent_chunk_size")):
+            chunk = support.agents(index)
+            theta = stack_for_agents(self._meta_parameters(), chunk.rewards.shape[0])
+            with torch.enable_grad():
+                # First order suffices to *act* with theta_k'; the graph is rebuilt in the update.
+                leaf = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
+                pieces.append({k: v.detach() for k, v in self._adapt(leaf, chunk, first_order=True).items()})
+        adapted = pieces[0] if len(pieces) == 1 else {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
         query = self._collect(collector, adapted, batch.query_noise, num_steps)
         return support, query
 
@@ -240,15 +250,18 @@ class MetaRLModule(L.LightningModule):
         optimizer = self.optimizers()
         losses: list[PPOLoss] = []
         grad_norms: list[torch.Tensor] = []
+        chunked = len(agent_chunks(batch.num_agents, self.hparams.get("agent_chunk_size"))) > 1
         for _ in range(self.hparams.ppo_epochs):
-            theta = stack_for_agents(self._meta_parameters(), batch.num_agents)
-            adapted = self._adapt(theta, support, first_order=self.hparams.first_order)
-            loss = agents_ppo_loss(self.policy, adapted, query, self.ppo)
-            if losses and self._kl_too_large(loss.approx_kl):
-                break
             optimizer.zero_grad(set_to_none=True)
-            with self._no_backward_sync():
-                self.manual_backward(loss.total)
+            # Chunks take their backward as they go (that is the memory saving); then the KL stop
+            # below can only discard the gradient, where the one-piece path never computes it.
+            loss = self._outer_loss(support, query, backward=chunked)
+            if losses and self._kl_too_large(loss.approx_kl):
+                optimizer.zero_grad(set_to_none=True)
+                break
+            if not chunked:
+                with self._no_backward_sync():
+                    self.manual_backward(loss.total)
             self._all_reduce_gradients()
             grad_norms.append(self._clip_gradients())
             optimizer.step()
@@ -283,6 +296,28 @@ class MetaRLModule(L.LightningModule):
         self.log("post_success", query.episode_success.mean(), prog_bar=True, logger=False, on_step=True, on_epoch=False, sync_dist=world > 1)
         self.log("post_return", query.episode_return.mean(), prog_bar=True, logger=False, on_step=True, on_epoch=False, sync_dist=world > 1)
         self.log("steps_per_s", steps_this_iteration / elapsed, prog_bar=True, logger=False, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def _outer_loss(self, support: Rollout, query: Rollout, backward: bool) -> PPOLoss:
+        """The outer PPO loss of every agent under its theta_k', over ``agent_chunk_size`` agents at a time.
+
+        With ``backward`` each chunk's ``(|c| / K) * loss`` is back-propagated at once and the returned
+        loss is detached; without, the one chunk's loss keeps its graph for the caller's backward.
+        """
+        num_agents = query.rewards.shape[0]
+        parts: list[tuple[float, PPOLoss]] = []
+        for index in agent_chunks(num_agents, self.hparams.get("agent_chunk_size")):
+            chunk_support, chunk_query = support.agents(index), query.agents(index)
+            size = chunk_query.rewards.shape[0]
+            theta = stack_for_agents(self._meta_parameters(), size)
+            adapted = self._adapt(theta, chunk_support, first_order=self.hparams.first_order)
+            loss = agents_ppo_loss(self.policy, adapted, chunk_query, self.ppo)
+            weight = size / num_agents
+            if backward:
+                with self._no_backward_sync():
+                    self.manual_backward(weight * loss.total)
+                loss = PPOLoss(*(term.detach() for term in loss))
+            parts.append((weight, loss))
+        return weighted_mean_loss(parts)
 
     @staticmethod
     def _trial_metrics(prefix: str, rollout: Rollout) -> dict[str, torch.Tensor]:

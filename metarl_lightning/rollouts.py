@@ -10,7 +10,7 @@ start, so training can recompute exactly what the policy computed while acting.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import numpy as np
@@ -71,6 +71,10 @@ class Rollout:
     def num_steps(self) -> int:
         """Environment steps in this rollout (``K * E * T``)."""
         return self.rewards.numel()
+
+    def agents(self, index: slice) -> Rollout:
+        """The agents ``index`` of this rollout (views, no copy): every field is ``[K, ...]``."""
+        return Rollout(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index] for f in fields(self)})
 
     def value_boundaries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(terminated, truncated)`` as the returns see them: cut only where the state resets.

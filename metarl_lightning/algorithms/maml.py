@@ -70,3 +70,17 @@ def inner_update(
 def stack_for_agents(params: Params, num_agents: int) -> Params:
     """View every parameter as ``[num_agents, *shape]`` (no copy; gradients flow back summed)."""
     return {name: p.unsqueeze(0).expand(num_agents, *p.shape) for name, p in params.items()}
+
+
+def agent_chunks(num_agents: int, chunk_size: int | None) -> list[slice]:
+    """Consecutive agent ranges of at most ``chunk_size`` (``None``: one range of all agents).
+
+    The meta-loss is a mean over agents, each agent's term depending only on its own adapted
+    parameters, so ``sum_c (|c| / K) * grad L_c`` over these ranges equals the full gradient: the
+    graph of one range at a time is what a backward has to hold.
+    """
+    if chunk_size is None or chunk_size >= num_agents:
+        return [slice(0, num_agents)]
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+    return [slice(start, min(start + chunk_size, num_agents)) for start in range(0, num_agents, chunk_size)]

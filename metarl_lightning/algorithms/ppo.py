@@ -66,6 +66,13 @@ class PPOLoss(NamedTuple):
     clip_fraction: torch.Tensor
 
 
+def weighted_mean_loss(parts: list[tuple[float, PPOLoss]]) -> PPOLoss:
+    """``sum_i w_i * loss_i`` field by field (chunks of one batch, ``w_i`` = their share of it)."""
+    if len(parts) == 1 and parts[0][0] == 1.0:
+        return parts[0][1]
+    return PPOLoss(*(sum(w * getattr(loss, name) for w, loss in parts) for name in PPOLoss._fields))
+
+
 def clipped_surrogate_loss(
     log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, clip_epsilon: float
 ) -> torch.Tensor:
