@@ -160,6 +160,8 @@ class MetaRLCLI(LightningCLI):
             {
                 "model.policy": {"class_path": "metarl_lightning.policies.MLPActorCritic"},
                 "trainer.inference_mode": False,
+                # Lightning's sanity check is a whole evaluation here (27 s on ML10) before the first step.
+                "trainer.num_sanity_val_steps": 0,
                 "trainer.default_root_dir": "runs/default",
                 "trainer.logger": {
                     "class_path": DEFAULT_LOGGER,

@@ -280,7 +280,9 @@ class MetaTaskDataModule(L.LightningDataModule):
                 raise ConfigError(f"data.{error}") from error
         if stage == "fit":
             self._build("train", self.meta_batch_size)
-        self._build("test", self.num_eval_tasks)
+        else:
+            self._build("test", self.num_eval_tasks)
+        # fit: the test envs are built by the first evaluation (eval_collector), not before the first step.
 
     def _workers(self) -> int:
         if self.num_env_workers is not None:
@@ -333,7 +335,9 @@ class MetaTaskDataModule(L.LightningDataModule):
 
     @property
     def eval_collector(self) -> RolloutCollector:
-        """Collector over the test tasks' environments."""
+        """Collector over the test tasks' environments (built on first use: a fit starts stepping without them)."""
+        if "test" not in self._collectors:
+            self._build("test", self.num_eval_tasks)
         return self._collectors["test"]
 
     @property

@@ -2,7 +2,7 @@
 
 import pytest
 
-from metarl_lightning.data import DEFAULT_MAX_ENVS, NAV2D, default_envs_per_task
+from metarl_lightning.data import DEFAULT_MAX_ENVS, NAV2D, MetaTaskDataModule, default_envs_per_task
 
 
 @pytest.mark.parametrize(
@@ -23,3 +23,14 @@ def test_default_envs_per_task_divides_and_bounds_the_env_count(benchmark, meta_
     assert rollouts % envs == 0
     if benchmark != NAV2D and envs > 1:
         assert meta_batch * envs <= DEFAULT_MAX_ENVS
+
+
+def test_a_fit_builds_the_evaluation_envs_when_the_first_evaluation_needs_them():
+    data = MetaTaskDataModule("nav2d", meta_batch_size=2, rollouts_per_task=2, max_episode_steps=5)
+    data.setup("fit")
+    assert "train" in data._envs and "test" not in data._envs, "test envs built before the first step"
+    collector = data.eval_collector
+    assert "test" in data._envs and data.eval_collector is collector
+    data.teardown("fit")
+    data.setup("validate")
+    assert "test" in data._envs and "train" not in data._envs
