@@ -18,13 +18,13 @@ import torch
 
 from metarl_lightning.algorithms.baselines import linear_baseline_values
 from metarl_lightning.algorithms.gae import generalized_advantage_estimate
-from metarl_lightning.algorithms.ppo import LOG_SQRT_2PI
-from metarl_lightning.algorithms.ppo import normalize_advantages
+from metarl_lightning.algorithms.ppo import LOG_SQRT_2PI, normalize_advantages
 from metarl_lightning.envs.base import StepResult, TaskVectorEnv
 from metarl_lightning.envs.context import context_dim, context_features
 from metarl_lightning.policies.base import ActorCritic
 from metarl_lightning.policies.acting import ActingStep
 from metarl_lightning.rollout_values import rollout_values
+from metarl_lightning.trials import trial_episode_returns, value_boundaries
 
 ResetMode = Literal["episode", "trial"]
 BaselineKind = Literal["critic", "linear"]
@@ -112,63 +112,6 @@ class Rollout:
         """Advantages normalised per agent (over its ``E x T`` samples): ``[K, E, T]``."""
         assert self.advantages is not None, "call compute_advantages first"
         return normalize_advantages(self.advantages, dim=(1, 2), eps=eps)
-
-
-def trial_ends(resets: torch.Tensor) -> torch.Tensor:
-    """``[..., T]`` bool: step ``t`` is the last of its trial (the state resets before ``t + 1``, or
-    the rollout ends at ``t``)."""
-    return torch.cat([resets[..., 1:], torch.ones_like(resets[..., :1])], dim=-1)
-
-
-def value_boundaries(
-    terminated: torch.Tensor, truncated: torch.Tensor, resets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Episode ends that also end the return: those where the recurrent state resets after them.
-
-    With ``reset_state_on: episode`` the state resets after every episode end, so these are the
-    episode ends themselves. Inside a trial (``trial``) an episode end is not an end of the return:
-    what the agent does in episode 1 (explore) pays off in episode 2, as RL^2 optimises the return
-    of the whole trial, and the value of the next episode's first step (same memory) follows.
-
-    Args:
-        terminated, truncated: ``[..., T]`` bool, the episode ended at ``t``.
-        resets: ``[..., T]`` bool, the state was zeroed before step ``t``.
-
-    Returns:
-        ``(terminated & trial_end, truncated & trial_end)``.
-    """
-    ends = trial_ends(resets)
-    return terminated & ends, truncated & ends
-
-
-def trial_episode_returns(
-    rewards: torch.Tensor, terminated: torch.Tensor, truncated: torch.Tensor, resets: torch.Tensor
-) -> torch.Tensor:
-    """Mean undiscounted return of the ``i``-th episode of a trial, for every ``i``: ``[n]``.
-
-    What in-context adaptation shows: later episodes of a trial doing better than the first. Only
-    finished episodes count; an index that no episode finished gets NaN. With ``reset_state_on:
-    episode`` every episode is a trial of one (``n == 1``).
-
-    Args:
-        rewards: ``[..., T]``.
-        terminated, truncated: ``[..., T]`` bool, the episode ended at ``t``.
-        resets: ``[..., T]`` bool, a trial starts at ``t`` (``resets[..., 0]`` must be true).
-    """
-    ends = terminated | truncated
-    index = torch.empty(ends.shape, dtype=torch.long, device=ends.device)
-    running = torch.zeros(ends.shape[:-1], dtype=torch.long, device=ends.device)
-    for t in range(ends.shape[-1]):
-        running = torch.where(resets[..., t], torch.zeros_like(running), running)
-        index[..., t] = running
-        running = running + ends[..., t].long()
-    # A step belongs to a finished episode when an episode end follows it before the next start,
-    # i.e. some end at or after t (episodes change only at ends).
-    finished = ends.flip(-1).long().cummax(-1).values.flip(-1).bool()
-    one_hot = torch.nn.functional.one_hot(index, int(index.max()) + 1).to(rewards.dtype)  # (..., T, n)
-    totals = (rewards * finished).unsqueeze(-1).mul(one_hot).flatten(0, -2).sum(0)  # (n,)
-    counts = ends.to(rewards.dtype).unsqueeze(-1).mul(one_hot).flatten(0, -2).sum(0)  # (n,)
-    return totals / counts  # 0 / 0 = NaN where no episode of that index finished
 
 
 def act_step(

@@ -22,7 +22,8 @@ from metarl_lightning.envs.navigation import Navigation2DVectorEnv
 from metarl_lightning.errors import ConfigError
 from metarl_lightning.policies import GRUActorCritic, SSMActorCritic
 from metarl_lightning.policies.functional import batched_policy_forward
-from metarl_lightning.rollouts import RolloutCollector, trial_ends, trial_episode_returns, value_boundaries
+from metarl_lightning.rollouts import RolloutCollector
+from metarl_lightning.trials import trial_ends, trial_episode_returns, value_boundaries
 
 K, E, HORIZON, EPISODES, PER_TRIAL = 2, 3, 6, 4, 2  # two trials of two episodes per env
 STEPS = HORIZON * EPISODES
