@@ -78,6 +78,10 @@ class MetaRLModule(L.LightningModule):
             once). The meta-loss is a mean over agents, so the summed chunk gradients equal the
             one-piece gradient (to float rounding) while the backward holds one chunk's graph: peak
             learner memory falls with the chunk (docs/benchmarks.md), time per update hardly changes.
+        outer_minibatch_size: agents per outer optimiser step (``null``: all, one step per PPO
+            epoch). Smaller gives ``ceil(K / size)`` Adam steps per epoch, as PPO's minibatches do:
+            with one full-batch step per epoch a parameter moves at most ``ppo_epochs x meta_lr``
+            per iteration (the log-std barely moved on ML1). The KL stop is checked before every step.
         baseline: what GAE subtracts, in the inner and the outer loss alike: ``critic`` (the policy's
             meta-learned value head) or ``linear`` (a linear feature baseline fitted by least squares
             on each task's own rollouts, the reference MAML recipe: a meta-learned critic cannot know
@@ -113,6 +117,7 @@ class MetaRLModule(L.LightningModule):
         inner_parameters: Literal["all", "head"] = "all",
         learn_inner_lr: bool = False,
         agent_chunk_size: int | None = None,
+        outer_minibatch_size: int | None = None,
     ) -> None:
         super().__init__()
         require(meta_lr > 0, "model.meta_lr", f"must be > 0, got {meta_lr}")
@@ -131,6 +136,11 @@ class MetaRLModule(L.LightningModule):
         require(baseline in ("critic", "linear"), "model.baseline", f"must be 'critic' or 'linear', got {baseline!r}")
         require(weight_decay >= 0, "model.weight_decay", f"must be >= 0, got {weight_decay}")
         require(agent_chunk_size is None or agent_chunk_size >= 1, "model.agent_chunk_size", f"must be >= 1 or null, got {agent_chunk_size}")
+        require(
+            outer_minibatch_size is None or outer_minibatch_size >= 1,
+            "model.outer_minibatch_size",
+            f"must be >= 1 or null, got {outer_minibatch_size}",
+        )
         self.save_hyperparameters(ignore=["policy"])
         self.automatic_optimization = False
         self.policy = policy
@@ -250,28 +260,28 @@ class MetaRLModule(L.LightningModule):
         optimizer = self.optimizers()
         losses: list[PPOLoss] = []
         grad_norms: list[torch.Tensor] = []
-        chunked = len(agent_chunks(batch.num_agents, self.hparams.get("agent_chunk_size"))) > 1
+        minibatches = agent_chunks(batch.num_agents, self.hparams.get("outer_minibatch_size"))
+        stopped = False
         for _ in range(self.hparams.ppo_epochs):
-            optimizer.zero_grad(set_to_none=True)
-            # Chunks take their backward as they go (that is the memory saving); then the KL stop
-            # below can only discard the gradient, where the one-piece path never computes it.
-            loss = self._outer_loss(support, query, backward=chunked)
-            if losses and self._kl_too_large(loss.approx_kl):
-                optimizer.zero_grad(set_to_none=True)
+            for index in minibatches:
+                step = self._outer_step(support.agents(index), query.agents(index), optimizer, may_stop=bool(losses))
+                if step is None:
+                    stopped = True
+                    break
+                losses.append(step[0])
+                grad_norms.append(step[1])
+            if stopped:
                 break
-            if not chunked:
-                with self._no_backward_sync():
-                    self.manual_backward(loss.total)
-            self._all_reduce_gradients()
-            grad_norms.append(self._clip_gradients())
-            optimizer.step()
-            losses.append(loss)
+        # The first epoch's loss over all agents (its minibatches weighted by their share).
+        sizes = [m.stop - m.start for m in minibatches]
+        head = list(zip(sizes, losses[: len(minibatches)]))
+        first = weighted_mean_loss([(size / sum(n for n, _ in head), loss) for size, loss in head])
+        last = losses[-1]
 
         world = self.trainer.world_size
         steps_this_iteration = (query.num_steps + (0 if support is query else support.num_steps)) * world
         self.env_steps += steps_this_iteration
         elapsed = time.perf_counter() - started
-        first, last = losses[0], losses[-1]
         metrics = {
             "train/pre_adaptation_return": support.episode_return.mean(),
             "train/post_adaptation_return": query.episode_return.mean(),
@@ -282,7 +292,7 @@ class MetaRLModule(L.LightningModule):
             "train/value_loss": first.value.detach(),
             "train/entropy": first.entropy.detach(),
             "train/approx_kl": last.approx_kl,
-            "train/ppo_epochs_run": torch.tensor(float(len(losses))),
+            "train/ppo_epochs_run": torch.tensor(len(losses) / len(minibatches)),
             "train/clip_fraction": last.clip_fraction,
             "train/grad_norm": torch.stack(grad_norms).mean(),
         }
@@ -296,6 +306,29 @@ class MetaRLModule(L.LightningModule):
         self.log("post_success", query.episode_success.mean(), prog_bar=True, logger=False, on_step=True, on_epoch=False, sync_dist=world > 1)
         self.log("post_return", query.episode_return.mean(), prog_bar=True, logger=False, on_step=True, on_epoch=False, sync_dist=world > 1)
         self.log("steps_per_s", steps_this_iteration / elapsed, prog_bar=True, logger=False, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def _outer_step(
+        self, support: Rollout, query: Rollout, optimizer: Any, may_stop: bool
+    ) -> tuple[PPOLoss, torch.Tensor] | None:
+        """One optimiser step on the outer loss of these agents; ``None`` when the KL stop refuses it.
+
+        Returns the loss (as computed before the step) and the gradient norm before clipping.
+        """
+        chunked = len(agent_chunks(query.rewards.shape[0], self.hparams.get("agent_chunk_size"))) > 1
+        optimizer.zero_grad(set_to_none=True)
+        # Chunks take their backward as they go (that is the memory saving); then the KL stop
+        # below can only discard the gradient, where the one-piece path never computes it.
+        loss = self._outer_loss(support, query, backward=chunked)
+        if may_stop and self._kl_too_large(loss.approx_kl):
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        if not chunked:
+            with self._no_backward_sync():
+                self.manual_backward(loss.total)
+        self._all_reduce_gradients()
+        grad_norm = self._clip_gradients()
+        optimizer.step()
+        return loss, grad_norm
 
     def _outer_loss(self, support: Rollout, query: Rollout, backward: bool) -> PPOLoss:
         """The outer PPO loss of every agent under its theta_k', over ``agent_chunk_size`` agents at a time.

@@ -10,7 +10,7 @@ from metarl_lightning.data import MetaTaskDataModule
 from metarl_lightning.errors import ConfigError
 from metarl_lightning.module import MetaRLModule
 from metarl_lightning.policies import MLPActorCritic
-from tests.helpers import quiet_trainer, train_nav2d
+from tests.helpers import EpochMetrics, quiet_trainer, train_nav2d
 
 TINY = dict(meta_batch_size=2, rollouts_per_task=2, max_episode_steps=10)
 
@@ -80,3 +80,29 @@ def test_agent_chunks_give_the_one_piece_meta_gradient(chunk):
 def test_agent_chunk_size_must_be_positive():
     with pytest.raises(ConfigError, match="model.agent_chunk_size"):
         MetaRLModule(MLPActorCritic(2, 2), agent_chunk_size=0)
+
+
+def test_outer_minibatches_take_one_adam_step_per_minibatch():
+    """Minibatches of all agents are the one-step-per-epoch update exactly; smaller ones take
+    ceil(K / size) steps per PPO epoch (the parameters then move further)."""
+    torch.set_num_threads(1)
+
+    def run(size):
+        L.seed_everything(0, verbose=False)
+        policy = MLPActorCritic(2, 2, hidden_dim=8)
+        module = MetaRLModule(policy, ppo_epochs=2, outer_minibatch_size=size)
+        recorder = EpochMetrics()
+        start = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+        quiet_trainer(1, [recorder]).fit(module, MetaTaskDataModule("nav2d", seed=0, meta_batch_size=4, rollouts_per_task=2, max_episode_steps=10))
+        moved = sum((v - start[k]).abs().sum().item() for k, v in policy.state_dict().items())
+        return policy.state_dict(), recorder.history[0], moved
+
+    whole, whole_metrics, whole_moved = run(None)
+    same, _, _ = run(4)
+    for name in whole:
+        assert torch.equal(whole[name], same[name]), name
+    _, metrics, moved = run(1)
+    assert metrics["train/ppo_epochs_run"] == whole_metrics["train/ppo_epochs_run"] == 2.0
+    assert moved > 2 * whole_moved, (moved, whole_moved)
+    with pytest.raises(ConfigError, match="model.outer_minibatch_size"):
+        MetaRLModule(MLPActorCritic(2, 2), outer_minibatch_size=0)
