@@ -82,6 +82,11 @@ class MetaRLModule(L.LightningModule):
             epoch). Smaller gives ``ceil(K / size)`` Adam steps per epoch, as PPO's minibatches do:
             with one full-batch step per epoch a parameter moves at most ``ppo_epochs x meta_lr``
             per iteration (the log-std barely moved on ML1). The KL stop is checked before every step.
+        outer_env_minibatches: split every agent's ``E`` query envs into this many groups and take
+            one optimiser step per group (times the agent minibatches) per PPO epoch: PPO's
+            minibatches over trajectories, every step seeing every task (multi-task PPO needs this:
+            one step per epoch on 100 trajectories learns slowly). The inner step still adapts on
+            the whole support rollout. Must divide ``data.envs_per_task``. 1: off.
         baseline: what GAE subtracts, in the inner and the outer loss alike: ``critic`` (the policy's
             meta-learned value head) or ``linear`` (a linear feature baseline fitted by least squares
             on each task's own rollouts, the reference MAML recipe: a meta-learned critic cannot know
@@ -118,6 +123,7 @@ class MetaRLModule(L.LightningModule):
         learn_inner_lr: bool = False,
         agent_chunk_size: int | None = None,
         outer_minibatch_size: int | None = None,
+        outer_env_minibatches: int = 1,
     ) -> None:
         super().__init__()
         require(meta_lr > 0, "model.meta_lr", f"must be > 0, got {meta_lr}")
@@ -141,6 +147,7 @@ class MetaRLModule(L.LightningModule):
             "model.outer_minibatch_size",
             f"must be >= 1 or null, got {outer_minibatch_size}",
         )
+        require(outer_env_minibatches >= 1, "model.outer_env_minibatches", f"must be >= 1, got {outer_env_minibatches}")
         self.save_hyperparameters(ignore=["policy"])
         self.automatic_optimization = False
         self.policy = policy
@@ -260,11 +267,11 @@ class MetaRLModule(L.LightningModule):
         optimizer = self.optimizers()
         losses: list[PPOLoss] = []
         grad_norms: list[torch.Tensor] = []
-        minibatches = agent_chunks(batch.num_agents, self.hparams.get("outer_minibatch_size"))
+        minibatches = self._outer_minibatches(batch.num_agents, query.rewards.shape[1])
         stopped = False
         for _ in range(self.hparams.ppo_epochs):
-            for index in minibatches:
-                step = self._outer_step(support.agents(index), query.agents(index), optimizer, may_stop=bool(losses))
+            for agents, envs in minibatches:
+                step = self._outer_step(support.agents(agents), query.agents(agents).envs(envs), optimizer, may_stop=bool(losses))
                 if step is None:
                     stopped = True
                     break
@@ -273,7 +280,7 @@ class MetaRLModule(L.LightningModule):
             if stopped:
                 break
         # The first epoch's loss over all agents (its minibatches weighted by their share).
-        sizes = [m.stop - m.start for m in minibatches]
+        sizes = [(a.stop - a.start) * (e.stop - e.start) for a, e in minibatches]
         head = list(zip(sizes, losses[: len(minibatches)]))
         first = weighted_mean_loss([(size / sum(n for n, _ in head), loss) for size, loss in head])
         last = losses[-1]
@@ -306,6 +313,18 @@ class MetaRLModule(L.LightningModule):
         self.log("post_success", query.episode_success.mean(), prog_bar=True, logger=False, on_step=True, on_epoch=False, sync_dist=world > 1)
         self.log("post_return", query.episode_return.mean(), prog_bar=True, logger=False, on_step=True, on_epoch=False, sync_dist=world > 1)
         self.log("steps_per_s", steps_this_iteration / elapsed, prog_bar=True, logger=False, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def _outer_minibatches(self, num_agents: int, num_envs: int) -> list[tuple[slice, slice]]:
+        """``(agents, envs)`` ranges of the outer optimiser steps of one PPO epoch."""
+        groups = self.hparams.get("outer_env_minibatches", 1)
+        require(
+            num_envs % groups == 0,
+            "model.outer_env_minibatches",
+            f"{groups} does not divide the {num_envs} envs per task (data.envs_per_task)",
+        )
+        size = num_envs // groups
+        env_slices = [slice(start, start + size) for start in range(0, num_envs, size)]
+        return [(a, e) for a in agent_chunks(num_agents, self.hparams.get("outer_minibatch_size")) for e in env_slices]
 
     def _outer_step(
         self, support: Rollout, query: Rollout, optimizer: Any, may_stop: bool

@@ -76,6 +76,18 @@ class Rollout:
         """The agents ``index`` of this rollout (views, no copy): every field is ``[K, ...]``."""
         return Rollout(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index] for f in fields(self)})
 
+    def envs(self, index: slice) -> Rollout:
+        """The envs ``index`` of every agent (views, no copy): per-step fields are ``[K, E', ...]``;
+        the per-agent episode statistics (``[K]``) are kept whole."""
+        per_agent = {"episode_return", "episode_success"}
+        return Rollout(
+            **{
+                f.name: value if value is None or f.name in per_agent else value[:, index]
+                for f in fields(self)
+                for value in (getattr(self, f.name),)
+            }
+        )
+
     def value_boundaries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(terminated, truncated)`` as the returns see them: cut only where the state resets.
 

@@ -71,6 +71,7 @@ BAD_INPUTS = {
     "negative inner lr": ([*NAV2D, "--model.inner_lr", "-1"], "model.inner_lr", ">= 0"),
     "negative inner steps": ([*NAV2D, "--model.inner_steps", "-1"], "model.inner_steps", ">= 0"),
     "envs do not divide": ([*NAV2D, "--data.rollouts_per_task", "10", "--data.envs_per_task", "3"], "data.envs_per_task", "divide"),
+    "env minibatches do not divide": ([*NAV2D, "--data.rollouts_per_task", "4", "--data.envs_per_task", "4", "--model.outer_env_minibatches", "3"], "model.outer_env_minibatches", "divisor of 4"),
     "width 0": ([*NAV2D, "--model.policy.init_args.hidden_dim", "0"], "model.policy.init_args.hidden_dim", ">= 1"),
     "negative SSM width": ([*NAV2D, "--model.policy.init_args.state_dim", "-4"], "model.policy.init_args.state_dim", ">= 1"),
     "max_epochs -5": ([*NAV2D, "--trainer.max_epochs", "-5"], "trainer.max_epochs", ">= 0"),

@@ -106,3 +106,30 @@ def test_outer_minibatches_take_one_adam_step_per_minibatch():
     assert moved > 2 * whole_moved, (moved, whole_moved)
     with pytest.raises(ConfigError, match="model.outer_minibatch_size"):
         MetaRLModule(MLPActorCritic(2, 2), outer_minibatch_size=0)
+
+
+def test_outer_env_minibatches_split_the_trajectories_of_every_agent():
+    """One env group is the one-step-per-epoch update exactly; two groups take two Adam steps per
+    PPO epoch (each on half of every agent's trajectories) and move the parameters further. A
+    Rollout's env slice keeps the per-agent statistics and cuts every per-step field."""
+    torch.set_num_threads(1)
+
+    def run(groups):
+        L.seed_everything(0, verbose=False)
+        policy = MLPActorCritic(2, 2, hidden_dim=8)
+        module = MetaRLModule(policy, ppo_epochs=2, outer_env_minibatches=groups)
+        recorder = EpochMetrics()
+        start = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+        data = MetaTaskDataModule("nav2d", seed=0, meta_batch_size=2, rollouts_per_task=4, envs_per_task=4, max_episode_steps=10)
+        quiet_trainer(1, [recorder]).fit(module, data)
+        moved = sum((v - start[k]).abs().sum().item() for k, v in policy.state_dict().items())
+        return policy.state_dict(), recorder.history[0], moved
+
+    whole, whole_metrics, whole_moved = run(1)
+    _, metrics, moved = run(2)
+    assert metrics["train/ppo_epochs_run"] == whole_metrics["train/ppo_epochs_run"] == 2.0
+    assert moved > 1.5 * whole_moved, (moved, whole_moved)
+    with pytest.raises(ConfigError, match="model.outer_env_minibatches"):
+        MetaRLModule(MLPActorCritic(2, 2), outer_env_minibatches=0)
+    with pytest.raises(ConfigError, match="model.outer_env_minibatches"):
+        run(3)

@@ -62,3 +62,15 @@ def check_benchmark(data: Mapping[str, Any], fit: bool) -> None:
                 field,
                 f"{size} is not a multiple of the {classes} {split} classes of {benchmark}; use one of {classes}, {2 * classes}, {3 * classes}, ...",
             )
+
+
+def check_model(model: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+    """Outer minibatches over envs must split every task's envs evenly (``data.envs_per_task``)."""
+    groups = model.get("outer_env_minibatches")
+    envs = data.get("envs_per_task")
+    if isinstance(groups, int) and isinstance(envs, int) and groups >= 1 and envs >= 1:
+        require(
+            envs % groups == 0,
+            "model.outer_env_minibatches",
+            f"{groups} does not divide data.envs_per_task={envs}; use a divisor of {envs}",
+        )
