@@ -77,7 +77,11 @@ class MetaTaskDataModule(L.LightningDataModule):
             MT1, MT10, MT50, ML1, ML10, ML45.
         env_name: the environment of MT1/ML1 (e.g. ``reach-v3``); must be null for the other benchmarks.
         meta_batch_size: task-agents per meta-iteration (over all ranks; must divide by the number
-            of ranks).
+            of ranks). ML benchmarks: a multiple of the train class count. MT benchmarks: any size;
+            one that is not a multiple walks on through the classes from one meta-iteration to the
+            next (MT10 with 4: classes 0-3, 4-7, 8-9 and 0-1, ...), covering each class equally
+            over ``lcm(size, classes) / size`` iterations, and rebuilds a slot's simulators when its
+            class changes (~0.1-0.2 s per simulator).
         rollouts_per_task: trajectories per task for support and for query rollouts
             (``--inner-batch-size`` of the original runner).
         envs_per_task: parallel environments per task; must divide ``rollouts_per_task`` (each env
@@ -313,6 +317,7 @@ class MetaTaskDataModule(L.LightningDataModule):
                 fast=self.fast_envs,
                 task_one_hot=self.task_one_hot,
                 agent_classes=classes[self._rank * agents : (self._rank + 1) * agents],
+                rotating=self._bench.rotates(split, global_agents),
             )
         self._envs[split] = env
         # Tiny per-step matmuls slow down many-fold when torch's threads fight the env workers for
@@ -352,7 +357,7 @@ class MetaTaskDataModule(L.LightningDataModule):
         rng = np.random.default_rng(_stream_seed(self.seed, split, iteration, "tasks"))
         if self.benchmark == NAV2D:
             return Navigation2DVectorEnv.sample_tasks(size, rng)
-        return self._bench.sample_tasks(split, size, rng)
+        return self._bench.sample_tasks(split, size, rng, iteration)
 
     def meta_batch(self, split: str, iteration: int) -> MetaBatch:
         """This rank's shard of meta-iteration ``iteration``: tasks and exploration noise."""

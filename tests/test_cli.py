@@ -1,5 +1,6 @@
 """The command line: every shipped config parses, and bad input fails with one clear line."""
 
+import json
 import os
 import socket
 import subprocess
@@ -63,7 +64,7 @@ BAD_INPUTS = {
     "unknown benchmark": ([*NAV2D, "--data.benchmark", "ML11"], "data.benchmark", "ML10"),
     "unknown env name": ([*NAV2D, "--data.benchmark", "ML1", "--data.env_name", "reach-v9"], "data.env_name", "reach-v3"),
     "env name for MT10": ([*NAV2D, "--data.benchmark", "MT10", "--data.env_name", "reach-v3", "--data.meta_batch_size", "10"], "data.env_name", "MT1 and ML1"),
-    "MT10 meta-batch not a multiple": ([*NAV2D, "--data.benchmark", "MT10", "--data.meta_batch_size", "4"], "data.meta_batch_size", "multiple of the 10"),
+    "ML10 meta-batch not a multiple": ([*NAV2D, "--data.benchmark", "ML10", "--data.meta_batch_size", "4"], "data.meta_batch_size", "multiple of the 10"),
     "meta-batch <= 0": ([*NAV2D, "--data.meta_batch_size", "0"], "data.meta_batch_size", ">= 1"),
     "negative meta lr": ([*NAV2D, "--model.meta_lr", "-0.1"], "model.meta_lr", "> 0"),
     "meta lr not a number": ([*NAV2D, "--model.meta_lr", "abc"], "model.meta_lr", "float"),
@@ -142,3 +143,41 @@ def test_errors_are_printed_by_the_primary_process_only(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 2 and done.stderr == "", done.stderr[-2000:]
+
+
+# The original runner's README commands (sunghunkwag/MetaRL-Agent-Emergence: RESULTS.md "Test
+# Configuration" and "Full MT10 Experiment", README "Quick Test Run"), translated with the README's
+# flag table; MT10 meta-batches of 4 and 2 walk through the 10 classes.
+SEED_COMMANDS = {
+    "quick start": ["--data.benchmark", "MT10", "--trainer.max_epochs", "100", "--data.meta_batch_size", "4",
+                    "--data.rollouts_per_task", "10", "--model.policy.init_args.hidden_dim", "128", "--model.meta_lr", "0.001",
+                    "--model.inner_lr", "0.01", "--trainer.check_val_every_n_epoch", "10", "--trainer.default_root_dir", "results"],
+    "quick test run": ["--data.benchmark", "MT10", "--trainer.max_epochs", "10", "--data.meta_batch_size", "2",
+                       "--data.rollouts_per_task", "5", "--trainer.check_val_every_n_epoch", "5", "--trainer.default_root_dir", "results/test"],
+    "full MT10 experiment": ["--data.benchmark", "MT10", "--trainer.max_epochs", "100", "--data.meta_batch_size", "4",
+                             "--data.rollouts_per_task", "10", "--trainer.default_root_dir", "results/mt10_full"],
+}  # fmt: skip
+
+
+def test_the_seed_readme_commands_run_as_written(tmp_path):
+    """Each command as the flag table translates it, with a tiny budget appended (2 epochs of 10-step
+    episodes; the quick test run 5 epochs, so its validation at epoch 5 runs): exit 0, run outputs
+    written, the env steps of the meta-batch size asked for."""
+    budgets = {"quick start": 2, "quick test run": 5, "full MT10 experiment": 2}
+    procs = {}
+    for name, args in SEED_COMMANDS.items():
+        budget = ["--trainer.max_epochs", str(budgets[name]), "--data.max_episode_steps", "10",
+                  "--trainer.logger.init_args.tracking_uri", f"sqlite:///{tmp_path / name.replace(' ', '_')}.db"]  # fmt: skip
+        cwd = tmp_path / name.replace(" ", "_")  # one store each: concurrent first creations of one sqlite store race
+        cwd.mkdir()
+        procs[name] = (cwd, subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "fit", *args, *budget], cwd=cwd,
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+    for name, (cwd, proc) in procs.items():
+        _, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{name}: {stderr[-3000:]}"
+        args = SEED_COMMANDS[name]
+        root = cwd / args[args.index("--trainer.default_root_dir") + 1]
+        results = json.loads((root / "results.json").read_text())
+        batch, rollouts = (int(args[args.index(flag) + 1]) for flag in ("--data.meta_batch_size", "--data.rollouts_per_task"))
+        assert results["env_steps"] == budgets[name] * batch * rollouts * 10 * 2, (name, results["env_steps"])
+        assert (root / "checkpoints" / "last.ckpt").exists()

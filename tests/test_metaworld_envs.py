@@ -95,6 +95,51 @@ def test_meta_batches_cover_classes_evenly_with_fixed_slots(ml10: Benchmark) -> 
         ml10.slot_classes("train", 15)
 
 
+def test_mt_meta_batches_of_any_size_cover_the_classes_evenly(mt10: Benchmark) -> None:
+    """MT10 with 4 agents: iterations take classes 0-3, 4-7, 8-9 + 0-1, ...; over lcm(4, 10) / 4 =
+    5 iterations every class has exactly 2 slots, and each iteration's tasks are of its slots'
+    classes. Multiples keep the fixed layout whatever the iteration."""
+    classes = mt10.train_classes
+    counts = {c: 0 for c in classes}
+    rng = np.random.default_rng(0)
+    for iteration in range(5):
+        slots = mt10.slot_classes("train", 4, iteration)
+        assert slots == [classes[(4 * iteration + k) % 10] for k in range(4)]
+        assert [t.env_name for t in mt10.sample_tasks("train", 4, rng, iteration)] == slots
+        for c in slots:
+            counts[c] += 1
+    assert set(counts.values()) == {2}
+    assert mt10.slot_classes("train", 3, 3) == [classes[9], classes[0], classes[1]]
+    assert mt10.rotates("train", 4) and not mt10.rotates("train", 20)
+    assert mt10.slot_classes("train", 20, 7) == mt10.slot_classes("train", 20) == classes * 2
+    # A multiple draws exactly the tasks it drew before iterations existed (same rng stream).
+    assert mt10.sample_tasks("train", 20, np.random.default_rng(5), 3) == mt10.sample_tasks("train", 20, np.random.default_rng(5))
+    # Two agents of one class in one meta-batch (15 over 10 classes) get different goals.
+    tasks = mt10.sample_tasks("train", 15, np.random.default_rng(0), 0)
+    assert tasks[0].env_name == tasks[10].env_name and tasks[0].data != tasks[10].data
+
+
+def test_rotating_slots_rebuild_their_simulators_for_a_new_class(mt10: Benchmark) -> None:
+    """A rotating env given tasks of new classes steps exactly like an env built for those
+    classes (same seeds, same actions), one-hot included, in workers as in-process."""
+    second = mt10.sample_tasks("train", 4, np.random.default_rng(1), 1)  # classes 4-7
+    first = mt10.sample_tasks("train", 4, np.random.default_rng(0), 0)  # classes 0-3
+    with MetaWorldVectorEnv(mt10, "train", 4, 2, agent_classes=mt10.slot_classes("train", 4, 1), task_one_hot=True, max_episode_steps=15) as fresh:
+        expected = _rollout(fresh, second, 20)
+    for workers in (0, 2):
+        with MetaWorldVectorEnv(mt10, "train", 4, 2, num_workers=workers, agent_classes=mt10.slot_classes("train", 4, 0),
+                                rotating=True, task_one_hot=True, max_episode_steps=15) as env:
+            _rollout(env, first, 5)
+            got = _rollout(env, second, 20)
+            assert env.agent_classes == [t.env_name for t in second]
+            with pytest.raises(ValueError, match=r"^tasks\[0\]: 'door-close-v3' is not a class"):
+                env.set_tasks([make_benchmark("ML10").sample_tasks("test", 5, np.random.default_rng(0))[0]] + second[1:])
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{key}, {workers} workers")
+    hot = expected["reset"][0][:, 39:].argmax(axis=1)
+    assert [mt10.all_classes[i] for i in hot] == [t.env_name for t in second for _ in range(2)]
+
+
 def test_sampling_is_reproducible(ml10: Benchmark) -> None:
     a = ml10.sample_tasks("test", 10, np.random.default_rng(3))
     b = ml10.sample_tasks("test", 10, np.random.default_rng(3))

@@ -14,7 +14,9 @@ Splits:
 
 Slot layout: a meta-batch of ``num_agents`` task-agents runs ``slot_classes(split, num_agents)``:
 agent ``k`` always runs class ``classes[k % n_classes]``, so the class of each agent never changes
-across meta-batches and its simulators can be built once and reused; only the goal changes.
+across meta-batches and its simulators can be built once and reused; only the goal changes. An MT
+meta-batch that is not a multiple of the class count walks on through the classes from one
+iteration to the next instead (``slot_classes(split, num_agents, iteration)``).
 
 Example:
     >>> bench = make_benchmark("ML10", seed=0)
@@ -104,31 +106,43 @@ class Benchmark:
         _check_split(split)
         return self.train_tasks if split == "train" else self.test_tasks
 
-    def slot_classes(self, split: Split, num_agents: int) -> list[str]:
-        """The class each task-agent slot runs: slot ``k`` -> ``classes[k % n_classes]``.
+    def rotates(self, split: Split, num_agents: int) -> bool:
+        """Whether a meta-batch of ``num_agents`` changes the classes of its slots between
+        iterations: an MT meta-batch that is not a multiple of the class count (see
+        :meth:`slot_classes`)."""
+        return self.name.startswith("MT") and num_agents % len(self.classes(split)) != 0
 
-        The mapping depends only on ``(split, num_agents)``, so it is the same for every
-        meta-batch and environments can be reused across meta-batches.
+    def slot_classes(self, split: Split, num_agents: int, iteration: int = 0) -> list[str]:
+        """The class each task-agent slot runs in meta-iteration ``iteration``.
+
+        Slot ``k`` runs ``classes[(iteration * num_agents + k) % n_classes]``. For a multiple of the
+        class count that is ``classes[k % n_classes]`` in every iteration, so environments are
+        built once and reused. MT benchmarks take any size: consecutive iterations then walk on
+        through the class list, so every class gets the same number of slots over
+        ``lcm(num_agents, n_classes) / num_agents`` iterations (MT10 with 4: 5 iterations, each
+        class twice), and a slot's simulators are rebuilt when its class changes.
 
         Args:
             split: ``"train"`` or ``"test"``.
             num_agents: number of task-agents in a meta-batch (the meta-batch size).
+            iteration: the meta-iteration (only matters when :meth:`rotates`).
 
         Raises:
-            ValueError: if ``num_agents`` is not a positive multiple of the number of classes;
-                every class must get the same number of agents, or the meta-gradient would weight
-                classes unevenly.
+            ValueError: ``num_agents`` < 1, or (ML benchmarks) not a multiple of the number of
+                classes: every class must get the same number of agents in every meta-batch, or
+                the meta-gradient would weight classes unevenly.
         """
         classes = self.classes(split)
         n = len(classes)
-        if num_agents < 1 or num_agents % n != 0:
+        if num_agents < 1 or (num_agents % n != 0 and not self.name.startswith("MT")):
             raise ValueError(
                 f"meta_batch_size: {num_agents} is not a positive multiple of the {n} {split} "
                 f"classes of {self.name}; use one of {n}, {2 * n}, {3 * n}, ..."
             )
-        return [classes[k % n] for k in range(num_agents)]
+        offset = (iteration * num_agents) % n
+        return [classes[(offset + k) % n] for k in range(num_agents)]
 
-    def sample_tasks(self, split: Split, num_agents: int, rng: np.random.Generator) -> list[Task]:
+    def sample_tasks(self, split: Split, num_agents: int, rng: np.random.Generator, iteration: int = 0) -> list[Task]:
         """Draw one task (goal) per agent slot, reproducibly from ``rng``.
 
         Agents that share a class get distinct goals when the class has enough of them (drawn
@@ -138,22 +152,27 @@ class Benchmark:
             split: ``"train"`` or ``"test"``.
             num_agents: meta-batch size (see :meth:`slot_classes`).
             rng: the generator to draw from; the same state gives the same tasks.
+            iteration: the meta-iteration (see :meth:`slot_classes`).
 
         Returns:
-            ``num_agents`` tasks; task ``k`` belongs to ``slot_classes(split, num_agents)[k]``.
+            ``num_agents`` tasks; task ``k`` belongs to ``slot_classes(split, num_agents, iteration)[k]``.
         """
-        slots = self.slot_classes(split, num_agents)
-        classes = self.classes(split)
-        per_class = num_agents // len(classes)
+        slots = self.slot_classes(split, num_agents, iteration)
         tasks_by_class = self.tasks(split)
         picks: dict[str, list[int]] = {}
         # One draw per class, without replacement: agents sharing a class get different goals.
-        for name in classes:
+        for name in self.classes(split):
+            count = slots.count(name)
+            if count == 0:
+                continue
             n_goals = len(tasks_by_class[name])
-            picks[name] = rng.choice(n_goals, size=per_class, replace=per_class > n_goals).tolist()
+            picks[name] = rng.choice(n_goals, size=count, replace=count > n_goals).tolist()
         out: list[Task] = []
-        for k, name in enumerate(slots):
-            out.append(tasks_by_class[name][picks[name][k // len(classes)]])
+        seen: dict[str, int] = {}
+        for name in slots:
+            occurrence = seen.get(name, 0)
+            seen[name] = occurrence + 1
+            out.append(tasks_by_class[name][picks[name][occurrence]])
         return out
 
 

@@ -69,6 +69,8 @@ class _EnvGroup:
         fast: use the fast subclasses of ``env_class``.
         terminate_on_success: end an episode (``terminated``) at the first success.
         buffers: ``_FIELDS`` arrays with one row per simulator of this group.
+        rotating: a task of another class replaces the simulator (otherwise metaworld's
+            ``set_task`` refuses it).
     """
 
     def __init__(
@@ -79,24 +81,39 @@ class _EnvGroup:
         fast: bool,
         terminate_on_success: bool,
         buffers: dict[str, np.ndarray],
+        rotating: bool = False,
     ) -> None:
-        self.envs = []
-        for name, seed in zip(classes, seeds):
-            env = env_class(name, fast=fast)(reward_function_version="v2")
-            env.seed(seed)
-            # The env itself refuses to step past max_path_length (500); lift it for longer
-            # episodes. Shorter ones are cut by our own counter below.
-            env.max_path_length = max(env.max_path_length, max_episode_steps)
-            self.envs.append(env)
+        self.rotating = rotating
         self.max_episode_steps = max_episode_steps
+        self.fast = fast
+        self.seeds = list(seeds)
+        self.classes = list(classes)
+        self.envs = [self._make(name, seed) for name, seed in zip(self.classes, self.seeds)]
         self.terminate_on_success = terminate_on_success
         self.buf = buffers
         self.steps = [0] * len(self.envs)
 
+    def _make(self, name: str, seed: int) -> Any:
+        env = env_class(name, fast=self.fast)(reward_function_version="v2")
+        env.seed(seed)
+        # The env itself refuses to step past max_path_length (500); lift it for longer
+        # episodes. Shorter ones are cut by our own counter below.
+        env.max_path_length = max(env.max_path_length, self.max_episode_steps)
+        return env
+
     def reset(self, tasks: Sequence[Task]) -> None:
-        """Set each env's task and reset it; writes ``buf["observation"]``."""
+        """Set each env's task and reset it; writes ``buf["observation"]``.
+
+        A task of another class than the env's replaces that simulator by a new one of the task's
+        class (same seed): slots of a rotating MT meta-batch change class between iterations.
+        """
         obs = self.buf["observation"]
-        for i, (env, task) in enumerate(zip(self.envs, tasks)):
+        for i, task in enumerate(tasks):
+            if self.rotating and task.env_name != self.classes[i]:
+                self.envs[i].close()  # free the old simulator before building its replacement
+                self.envs[i] = self._make(task.env_name, self.seeds[i])
+                self.classes[i] = task.env_name
+            env = self.envs[i]
             env.set_task(task)
             obs[i] = env.reset()[0]
             self.steps[i] = 0
@@ -189,9 +206,13 @@ class MetaWorldVectorEnv:
         agent_classes: the class of each agent, overriding ``benchmark.slot_classes(split,
             num_agents)``: a rank's share of a meta-batch sharded over DDP ranks, which need not
             cover the classes evenly by itself. Each must be a class of ``split``.
+        rotating: agents may change class (``set_tasks`` with a task of another class of
+            ``split``): the envs of such an agent are rebuilt at the next ``reset``, ~0.1-0.2 s per
+            simulator, split over the workers. For MT meta-batches that are not a multiple of the
+            class count (:meth:`~metarl_lightning.envs.benchmarks.Benchmark.slot_classes`).
 
     Attributes:
-        agent_classes: the class of each agent (fixed for the env's life).
+        agent_classes: the class of each agent (fixed for the env's life unless ``rotating``).
         num_agents, envs_per_agent, observation_dim, action_dim, max_episode_steps: as in
             ``TaskVectorEnv``.
     """
@@ -210,6 +231,7 @@ class MetaWorldVectorEnv:
         terminate_on_success: bool = False,
         start_method: str = "forkserver",
         agent_classes: Sequence[str] | None = None,
+        rotating: bool = False,
     ) -> None:
         if envs_per_agent < 1:
             raise ValueError(f"envs_per_agent: must be >= 1, got {envs_per_agent}")
@@ -235,6 +257,8 @@ class MetaWorldVectorEnv:
                         f"agent_classes[{k}]: {cls!r} is not a {split} class of "
                         f"{benchmark.name}; valid: {', '.join(valid)}"
                     )
+        self.rotating = rotating
+        self._split_classes = set(benchmark.classes(split))  # type: ignore[arg-type]
         self.num_agents = num_agents
         self.envs_per_agent = envs_per_agent
         self.max_episode_steps = max_episode_steps
@@ -247,10 +271,10 @@ class MetaWorldVectorEnv:
 
         # The one-hot is constant per slot: appended here rather than carried through the workers.
         self._one_hot: np.ndarray | None = None
+        self._class_index = {c: i for i, c in enumerate(benchmark.all_classes)}
         if task_one_hot:
-            index = {c: i for i, c in enumerate(benchmark.all_classes)}
-            self._one_hot = np.zeros((n, len(index)), dtype=np.float32)
-            self._one_hot[np.arange(n), [index[c] for c in env_classes]] = 1.0
+            self._one_hot = np.zeros((n, len(self._class_index)), dtype=np.float32)
+            self._set_one_hot()
         self.observation_dim = OBS_DIM + (0 if self._one_hot is None else self._one_hot.shape[1])
 
         def group_kwargs(lo: int, hi: int) -> dict[str, Any]:
@@ -260,6 +284,7 @@ class MetaWorldVectorEnv:
                 max_episode_steps=max_episode_steps,
                 fast=fast,
                 terminate_on_success=terminate_on_success,
+                rotating=rotating,
             )
 
         self._local: _EnvGroup | None = None
@@ -320,15 +345,29 @@ class MetaWorldVectorEnv:
 
         Raises:
             ValueError: wrong count, or a task whose class is not the agent's (slots have fixed
-                classes so their simulators can be reused).
+                classes so their simulators can be reused) or, with ``rotating``, not of the split.
         """
         if len(tasks) != self.num_agents:
             raise ValueError(f"tasks: expected {self.num_agents} (one per agent), got {len(tasks)}")
         for k, (task, cls) in enumerate(zip(tasks, self.agent_classes)):
-            if task.env_name != cls:
+            if self.rotating and task.env_name not in self._split_classes:
+                raise ValueError(f"tasks[{k}]: {task.env_name!r} is not a class of this env's split")
+            if not self.rotating and task.env_name != cls:
                 got = task.env_name
                 raise ValueError(f"tasks[{k}]: agent {k} runs {cls!r}, got a {got!r} task")
         self._tasks = list(tasks)
+        if self.rotating:
+            self.agent_classes = [task.env_name for task in tasks]
+            if self._one_hot is not None:
+                self._set_one_hot()
+            self._needs_reset = True  # the simulators of a new class exist after the reset only
+
+    def _set_one_hot(self) -> None:
+        """One row per env: a one-hot of its agent's class over ``benchmark.all_classes``."""
+        assert self._one_hot is not None
+        env_classes = [c for c in self.agent_classes for _ in range(self.envs_per_agent)]
+        self._one_hot[:] = 0.0
+        self._one_hot[np.arange(len(env_classes)), [self._class_index[c] for c in env_classes]] = 1.0
 
     def reset(self) -> np.ndarray:
         """Apply the tasks from ``set_tasks`` and reset every env; ``[N, obs_dim]`` float32."""
