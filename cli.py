@@ -297,9 +297,7 @@ class MetaRLCLI(LightningCLI):
             ckpt_rule.check_state_dict(config.ckpt_path, self._checkpoint["state_dict"], self.model.state_dict())
         dm, world = self.datamodule, self.trainer.world_size
         fit = self.subcommand == "fit"
-        sizes = [("data.num_eval_tasks", dm.num_eval_tasks)] + ([("data.meta_batch_size", dm.meta_batch_size)] if fit else [])
-        for field, size in sizes:
-            require(size % world == 0, field, f"{size} does not divide over {world} ranks (devices x nodes); use a multiple of {world}")
+        dm.check_world_size(world, fit)
         metaworld = dm.benchmark != "nav2d"
         estimate = estimate_memory(
             train_agents=dm.meta_batch_size // world,

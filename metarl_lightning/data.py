@@ -264,17 +264,23 @@ class MetaTaskDataModule(L.LightningDataModule):
         return (self.eval_rollouts_per_task // self.envs_per_task) * self.max_episode_steps
 
     # ----------------------------------------------------------------------------------- building
+    def check_world_size(self, world_size: int, fit: bool) -> None:
+        """Every rank gets the same share of the tasks: the meta-batch (``fit``) and the
+        evaluation tasks must divide over ``world_size`` ranks (devices x nodes)."""
+        sizes = [("data.num_eval_tasks", self.num_eval_tasks)] + ([("data.meta_batch_size", self.meta_batch_size)] if fit else [])
+        for field, size in sizes:
+            require(
+                size % world_size == 0,
+                field,
+                f"{size} does not divide over {world_size} ranks (devices x nodes); use a multiple of {world_size}",
+            )
+
     def setup(self, stage: str) -> None:
         """Build the environments of this rank (once per process; later calls reuse them)."""
         trainer = self.trainer
         self._rank = trainer.global_rank if trainer is not None else 0
         self._world_size = trainer.world_size if trainer is not None else 1
-        for field, size in (("data.meta_batch_size", self.meta_batch_size), ("data.num_eval_tasks", self.num_eval_tasks)):
-            require(
-                size % self._world_size == 0,
-                field,
-                f"{size} does not divide over {self._world_size} ranks (devices x nodes); use a multiple of {self._world_size}",
-            )
+        self.check_world_size(self._world_size, fit=True)
         if self.benchmark != NAV2D and self._bench is None:
             from metarl_lightning.envs.benchmarks import make_benchmark
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from metarl_lightning.envs.benchmarks import CLASS_COUNTS, check_names
+from metarl_lightning.envs.benchmarks import CLASS_COUNTS, check_names, meta_batch_problem
 from metarl_lightning.errors import ConfigError, require
 
 # Policy sizes that must be positive (a width of 0 would train a policy of nothing for hours).
@@ -49,21 +49,15 @@ def check_benchmark(data: Mapping[str, Any], fit: bool) -> None:
         check_names(benchmark, data.get("env_name"))
     except ValueError as error:
         raise ConfigError(f"data.{error}") from None
-    train_classes, test_classes = CLASS_COUNTS[benchmark]
     meta_batch_size = data.get("meta_batch_size")
     num_eval_tasks = data.get("num_eval_tasks") or meta_batch_size
-    sizes = [("data.num_eval_tasks", num_eval_tasks, test_classes, "test")]
+    sizes = [("data.num_eval_tasks", num_eval_tasks, "test")]
     if fit:
-        sizes.insert(0, ("data.meta_batch_size", meta_batch_size, train_classes, "train"))
-    if benchmark.startswith("MT"):
-        return  # any size: consecutive meta-batches walk through the classes (Benchmark.slot_classes)
-    for field, size, classes, split in sizes:
+        sizes.insert(0, ("data.meta_batch_size", meta_batch_size, "train"))
+    for field, size, split in sizes:
         if isinstance(size, int) and size >= 1:
-            require(
-                size % classes == 0,
-                field,
-                f"{size} is not a multiple of the {classes} {split} classes of {benchmark}; use one of {classes}, {2 * classes}, {3 * classes}, ...",
-            )
+            problem = meta_batch_problem(benchmark, split, size)
+            require(problem is None, field, problem or "")
 
 
 def check_model(model: Mapping[str, Any], data: Mapping[str, Any]) -> None:

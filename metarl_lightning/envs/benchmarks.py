@@ -134,11 +134,9 @@ class Benchmark:
         """
         classes = self.classes(split)
         n = len(classes)
-        if num_agents < 1 or (num_agents % n != 0 and not self.name.startswith("MT")):
-            raise ValueError(
-                f"meta_batch_size: {num_agents} is not a positive multiple of the {n} {split} "
-                f"classes of {self.name}; use one of {n}, {2 * n}, {3 * n}, ..."
-            )
+        problem = meta_batch_problem(self.name, split, num_agents)
+        if problem is not None:
+            raise ValueError(f"meta_batch_size: {problem}")
         offset = (iteration * num_agents) % n
         return [classes[(offset + k) % n] for k in range(num_agents)]
 
@@ -174,6 +172,16 @@ class Benchmark:
             seen[name] = occurrence + 1
             out.append(tasks_by_class[name][picks[name][occurrence]])
         return out
+
+
+def meta_batch_problem(name: str, split: Split, size: int) -> str | None:
+    """What is wrong with ``size`` task-agents per meta-batch of benchmark ``name`` (``None``:
+    nothing): at least 1, and for ML benchmarks a multiple of the split's class count (MT
+    benchmarks take any size, see :meth:`Benchmark.slot_classes`)."""
+    n = CLASS_COUNTS[name][0 if split == "train" else 1]
+    if size >= 1 and (size % n == 0 or name.startswith("MT")):
+        return None
+    return f"{size} is not a positive multiple of the {n} {split} classes of {name}; use one of {n}, {2 * n}, {3 * n}, ..."
 
 
 def _check_split(split: str) -> None:
