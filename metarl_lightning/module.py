@@ -31,6 +31,7 @@ from metarl_lightning.meta_batch import MetaBatch
 from metarl_lightning.objectives import PPOSettings, agents_ppo_loss
 from metarl_lightning.policies.base import ActorCritic
 from metarl_lightning.rollouts import BaselineKind, Rollout, RolloutCollector
+from metarl_lightning.trpo_outer import maml_trpo_update
 
 
 def _key(parameter_name: str) -> str:
@@ -82,6 +83,14 @@ class MetaRLModule(L.LightningModule):
             epoch). Smaller gives ``ceil(K / size)`` Adam steps per epoch, as PPO's minibatches do:
             with one full-batch step per epoch a parameter moves at most ``ppo_epochs x meta_lr``
             per iteration (the log-std barely moved on ML1). The KL stop is checked before every step.
+        outer_optimizer: ``ppo`` (the clipped objective, ``ppo_epochs`` Adam steps with the KL stop)
+            or ``trpo`` (MAML-TRPO, as garage and the Meta-World+ reference: one natural-gradient
+            step of the unclipped surrogate within a mean KL of ``max_kl`` from the acting
+            policy, through the inner step; the critic then takes ``ppo_epochs`` Adam steps on the
+            value loss alone). TRPO moves each direction by its curvature, where Adam moves every
+            parameter by about ``meta_lr`` (the log-std barely moved under PPO, docs/results.md).
+            It computes over all agents at once and takes no minibatches.
+        max_kl: the trust region of the TRPO step (mean KL per sample).
         outer_env_minibatches: split every agent's ``E`` query envs into this many groups and take
             one optimiser step per group (times the agent minibatches) per PPO epoch: PPO's
             minibatches over trajectories, every step seeing every task (multi-task PPO needs this:
@@ -124,6 +133,8 @@ class MetaRLModule(L.LightningModule):
         agent_chunk_size: int | None = None,
         outer_minibatch_size: int | None = None,
         outer_env_minibatches: int = 1,
+        outer_optimizer: Literal["ppo", "trpo"] = "ppo",
+        max_kl: float = 0.01,
     ) -> None:
         super().__init__()
         require(meta_lr > 0, "model.meta_lr", f"must be > 0, got {meta_lr}")
@@ -148,6 +159,13 @@ class MetaRLModule(L.LightningModule):
             f"must be >= 1 or null, got {outer_minibatch_size}",
         )
         require(outer_env_minibatches >= 1, "model.outer_env_minibatches", f"must be >= 1, got {outer_env_minibatches}")
+        require(outer_optimizer in ("ppo", "trpo"), "model.outer_optimizer", f"must be 'ppo' or 'trpo', got {outer_optimizer!r}")
+        require(max_kl > 0, "model.max_kl", f"must be > 0, got {max_kl}")
+        require(
+            outer_optimizer == "ppo" or (outer_minibatch_size is None and outer_env_minibatches == 1),
+            "model.outer_optimizer",
+            "trpo takes one step on the whole meta-batch: leave outer_minibatch_size null and outer_env_minibatches 1",
+        )
         self.save_hyperparameters(ignore=["policy"])
         self.automatic_optimization = False
         self.policy = policy
@@ -267,9 +285,13 @@ class MetaRLModule(L.LightningModule):
         optimizer = self.optimizers()
         losses: list[PPOLoss] = []
         grad_norms: list[torch.Tensor] = []
+        extra: dict[str, torch.Tensor] = {}
         minibatches = self._outer_minibatches(batch.num_agents, query.rewards.shape[1])
+        if self.hparams.get("outer_optimizer", "ppo") == "trpo":
+            extra = self._trpo_update(support, query)
+            minibatches = [(slice(0, batch.num_agents), slice(0, query.rewards.shape[1]))]
         stopped = False
-        for _ in range(self.hparams.ppo_epochs):
+        for _ in range(self.hparams.ppo_epochs) if not extra else ():
             for agents, envs in minibatches:
                 step = self._outer_step(support.agents(agents), query.agents(agents).envs(envs), optimizer, may_stop=bool(losses))
                 if step is None:
@@ -279,6 +301,11 @@ class MetaRLModule(L.LightningModule):
                 grad_norms.append(step[1])
             if stopped:
                 break
+        if extra:  # TRPO: the critic's value steps
+            for _ in range(self.hparams.ppo_epochs):
+                losses.append(self._value_step(query, optimizer))
+                grad_norms.append(self._clip_gradients())
+                optimizer.step()
         # The first epoch's loss over all agents (its minibatches weighted by their share).
         sizes = [(a.stop - a.start) * (e.stop - e.start) for a, e in minibatches]
         head = list(zip(sizes, losses[: len(minibatches)]))
@@ -303,6 +330,10 @@ class MetaRLModule(L.LightningModule):
             "train/clip_fraction": last.clip_fraction,
             "train/grad_norm": torch.stack(grad_norms).mean(),
         }
+        if extra:  # the surrogate and KL of the TRPO step replace the PPO terms
+            metrics.update(extra)
+            metrics["train/approx_kl"] = extra["train/trpo_kl"]
+            metrics["train/policy_loss"] = extra["train/trpo_loss_before"]
         metrics.update(self._trial_metrics("train", query))
         # Epoch aggregates only: one series per metric in MLflow (not `_step` and `_epoch` twins).
         self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=world > 1)
@@ -313,6 +344,48 @@ class MetaRLModule(L.LightningModule):
         self.log("post_success", query.episode_success.mean(), prog_bar=True, logger=False, on_step=True, on_epoch=False, sync_dist=world > 1)
         self.log("post_return", query.episode_return.mean(), prog_bar=True, logger=False, on_step=True, on_epoch=False, sync_dist=world > 1)
         self.log("steps_per_s", steps_this_iteration / elapsed, prog_bar=True, logger=False, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def _trpo_update(self, support: Rollout, query: Rollout) -> dict[str, torch.Tensor]:
+        """The MAML-TRPO step of the actor (:mod:`metarl_lightning.trpo_outer`); its metrics."""
+        world = self.trainer.world_size
+
+        def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+            if world <= 1:
+                return t
+            t = t.clone()
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+            return t / world
+
+        step = maml_trpo_update(
+            self.policy,
+            self._meta_parameters(),
+            list(self.inner_log_lrs.values()),
+            self._adapt,
+            support,
+            query,
+            max_kl=self.hparams.max_kl,
+            first_order=self.hparams.first_order,
+            entropy_coef=self.ppo.entropy_coef,
+            reduce=mean_over_ranks,
+        )
+        return {
+            "train/trpo_loss_before": step.loss_before,
+            "train/trpo_loss_after": step.loss_after,
+            "train/trpo_kl": step.kl,
+            "train/trpo_backtracks": torch.tensor(float(step.backtracks)),
+            "train/trpo_accepted": torch.tensor(step.accepted),
+        }
+
+    def _value_step(self, query: Rollout, optimizer: Any) -> PPOLoss:
+        """One Adam step on the value loss alone (after a TRPO step). The inner step adapts on the
+        policy loss only, so the critic's parameters are the same before and after adaptation."""
+        optimizer.zero_grad(set_to_none=True)
+        theta = stack_for_agents(self._meta_parameters(), query.rewards.shape[0])
+        loss = agents_ppo_loss(self.policy, theta, query, self.ppo)
+        with self._no_backward_sync():
+            self.manual_backward(self.ppo.value_coef * loss.value)
+        self._all_reduce_gradients()
+        return loss
 
     def _outer_minibatches(self, num_agents: int, num_envs: int) -> list[tuple[slice, slice]]:
         """``(agents, envs)`` ranges of the outer optimiser steps of one PPO epoch."""

@@ -1,0 +1,96 @@
+"""The MAML-TRPO outer step on a meta-batch: the closures :func:`~metarl_lightning.algorithms.trpo.trpo_step` needs.
+
+Loss: the unclipped surrogate ``-E[pi_theta'(a|s) / pi_old(a|s) A]`` of every agent's query
+rollout under its adapted parameters ``theta'_k(theta)`` (minus the entropy bonus), as MAML-TRPO
+(Finn et al. 2017; garage; the Meta-World+ reference). Constraint: the mean KL from the acting
+(adapted) policy to the adapted policy at the new ``theta``, through the inner step: with
+``first_order: false`` the Fisher-vector products differentiate through the inner gradient (the
+reference does the same).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from metarl_lightning.algorithms.maml import stack_for_agents
+from metarl_lightning.algorithms.trpo import TRPOStep, gaussian_kl, trpo_step
+from metarl_lightning.objectives import PPOSettings, agents_ppo_loss
+from metarl_lightning.policies.base import ActorCritic
+from metarl_lightning.policies.functional import batched_policy_forward
+from metarl_lightning.rollouts import Rollout
+
+Adapt = Callable[[dict[str, torch.Tensor], Rollout, bool], dict[str, torch.Tensor]]
+
+
+def maml_trpo_update(
+    policy: ActorCritic,
+    meta_parameters: dict[str, torch.Tensor],
+    extra_parameters: Sequence[torch.Tensor],
+    adapt: Adapt,
+    support: Rollout,
+    query: Rollout,
+    max_kl: float,
+    first_order: bool,
+    entropy_coef: float = 0.0,
+    cg_iterations: int = 10,
+    damping: float = 1e-5,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> TRPOStep:
+    """One KL-constrained step of ``meta_parameters`` (and ``extra_parameters``, e.g. Meta-SGD step sizes).
+
+    Args:
+        policy: the architecture (its parameters are ``meta_parameters``, updated in place).
+        meta_parameters: name -> leaf parameter of the policy.
+        extra_parameters: other leaves ``adapt`` depends on.
+        adapt: ``(stacked theta [K, ...], support, first_order) -> theta'_k`` (the module's inner step).
+        support, query: ``[K, E, T]`` rollouts with advantages (query collected with ``theta'_k``).
+        max_kl: trust region of the mean KL per sample.
+        first_order: drop the inner step's second-order terms in the gradient and the Fisher.
+        entropy_coef: weight of the entropy bonus in the loss.
+        cg_iterations, damping: of the natural-gradient solve.
+        reduce: mean over data-parallel ranks (identity on one process).
+    """
+    num_agents = query.rewards.shape[0]
+    surrogate = PPOSettings(clip_epsilon=math.inf, value_coef=0.0, entropy_coef=entropy_coef)
+
+    def adapted(order_one: bool) -> dict[str, torch.Tensor]:
+        return adapt(stack_for_agents(meta_parameters, num_agents), support, order_one)
+
+    def forward(params: dict[str, torch.Tensor]):
+        return batched_policy_forward(policy, params, query.observations, query.initial_state, query.resets)
+
+    def loss_of(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = agents_ppo_loss(policy, params, query, surrogate)
+        return loss.policy - entropy_coef * loss.entropy
+
+    with torch.enable_grad():
+        acting = {k: v.detach() for k, v in adapted(True).items()}
+    with torch.no_grad():
+        old = forward(acting)
+    old_mean, old_log_std = old.mean.detach(), old.log_std.detach()
+
+    def kl_of(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = forward(params)
+        return gaussian_kl(old_mean, old_log_std, out.mean, out.log_std).mean()
+
+    def evaluate() -> tuple[torch.Tensor, torch.Tensor]:
+        # Values only: a first-order inner step gives the same theta' without a graph to keep.
+        with torch.enable_grad():
+            params = {k: v.detach() for k, v in adapted(True).items()}
+        with torch.no_grad():
+            return loss_of(params), kl_of(params)
+
+    leaves = [*meta_parameters.values(), *extra_parameters]
+    return trpo_step(
+        leaves,
+        lambda: loss_of(adapted(first_order)),
+        lambda: kl_of(adapted(first_order)),
+        max_kl=max_kl,
+        cg_iterations=cg_iterations,
+        damping=damping,
+        reduce=reduce,
+        evaluate=evaluate,
+    )
