@@ -82,26 +82,28 @@ def test_agent_chunk_size_must_be_positive():
         MetaRLModule(MLPActorCritic(2, 2), agent_chunk_size=0)
 
 
+def _one_iteration(data_kwargs: dict, **module_kwargs):
+    """Parameters, metrics and total parameter movement after one meta-iteration on nav2d (MLP)."""
+    torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)
+    policy = MLPActorCritic(2, 2, hidden_dim=8)
+    module = MetaRLModule(policy, ppo_epochs=2, **module_kwargs)
+    recorder = EpochMetrics()
+    start = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    quiet_trainer(1, [recorder]).fit(module, MetaTaskDataModule("nav2d", seed=0, max_episode_steps=10, **data_kwargs))
+    moved = sum((v - start[k]).abs().sum().item() for k, v in policy.state_dict().items())
+    return policy.state_dict(), recorder.history[0], moved
+
+
 def test_outer_minibatches_take_one_adam_step_per_minibatch():
     """Minibatches of all agents are the one-step-per-epoch update exactly; smaller ones take
     ceil(K / size) steps per PPO epoch (the parameters then move further)."""
-    torch.set_num_threads(1)
-
-    def run(size):
-        L.seed_everything(0, verbose=False)
-        policy = MLPActorCritic(2, 2, hidden_dim=8)
-        module = MetaRLModule(policy, ppo_epochs=2, outer_minibatch_size=size)
-        recorder = EpochMetrics()
-        start = {k: v.detach().clone() for k, v in policy.state_dict().items()}
-        quiet_trainer(1, [recorder]).fit(module, MetaTaskDataModule("nav2d", seed=0, meta_batch_size=4, rollouts_per_task=2, max_episode_steps=10))
-        moved = sum((v - start[k]).abs().sum().item() for k, v in policy.state_dict().items())
-        return policy.state_dict(), recorder.history[0], moved
-
-    whole, whole_metrics, whole_moved = run(None)
-    same, _, _ = run(4)
+    data = dict(meta_batch_size=4, rollouts_per_task=2)
+    whole, whole_metrics, whole_moved = _one_iteration(data, outer_minibatch_size=None)
+    same, _, _ = _one_iteration(data, outer_minibatch_size=4)
     for name in whole:
         assert torch.equal(whole[name], same[name]), name
-    _, metrics, moved = run(1)
+    _, metrics, moved = _one_iteration(data, outer_minibatch_size=1)
     assert metrics["train/ppo_epochs_run"] == whole_metrics["train/ppo_epochs_run"] == 2.0
     assert moved > 2 * whole_moved, (moved, whole_moved)
     with pytest.raises(ConfigError, match="model.outer_minibatch_size"):
@@ -110,26 +112,16 @@ def test_outer_minibatches_take_one_adam_step_per_minibatch():
 
 def test_outer_env_minibatches_split_the_trajectories_of_every_agent():
     """One env group is the one-step-per-epoch update exactly; two groups take two Adam steps per
-    PPO epoch (each on half of every agent's trajectories) and move the parameters further. A
-    Rollout's env slice keeps the per-agent statistics and cuts every per-step field."""
-    torch.set_num_threads(1)
-
-    def run(groups):
-        L.seed_everything(0, verbose=False)
-        policy = MLPActorCritic(2, 2, hidden_dim=8)
-        module = MetaRLModule(policy, ppo_epochs=2, outer_env_minibatches=groups)
-        recorder = EpochMetrics()
-        start = {k: v.detach().clone() for k, v in policy.state_dict().items()}
-        data = MetaTaskDataModule("nav2d", seed=0, meta_batch_size=2, rollouts_per_task=4, envs_per_task=4, max_episode_steps=10)
-        quiet_trainer(1, [recorder]).fit(module, data)
-        moved = sum((v - start[k]).abs().sum().item() for k, v in policy.state_dict().items())
-        return policy.state_dict(), recorder.history[0], moved
-
-    whole, whole_metrics, whole_moved = run(1)
-    _, metrics, moved = run(2)
+    PPO epoch (each on half of every agent's trajectories) and move the parameters further."""
+    data = dict(meta_batch_size=2, rollouts_per_task=4, envs_per_task=4)
+    whole, whole_metrics, whole_moved = _one_iteration(data, outer_env_minibatches=1)
+    same, _, _ = _one_iteration(data)
+    for name in whole:
+        assert torch.equal(whole[name], same[name]), name
+    _, metrics, moved = _one_iteration(data, outer_env_minibatches=2)
     assert metrics["train/ppo_epochs_run"] == whole_metrics["train/ppo_epochs_run"] == 2.0
     assert moved > 1.5 * whole_moved, (moved, whole_moved)
     with pytest.raises(ConfigError, match="model.outer_env_minibatches"):
         MetaRLModule(MLPActorCritic(2, 2), outer_env_minibatches=0)
     with pytest.raises(ConfigError, match="model.outer_env_minibatches"):
-        run(3)
+        _one_iteration(data, outer_env_minibatches=3)
