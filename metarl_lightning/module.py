@@ -285,27 +285,27 @@ class MetaRLModule(L.LightningModule):
         optimizer = self.optimizers()
         losses: list[PPOLoss] = []
         grad_norms: list[torch.Tensor] = []
-        extra: dict[str, torch.Tensor] = {}
+        trpo: dict[str, torch.Tensor] = {}
         minibatches = self._outer_minibatches(batch.num_agents, query.rewards.shape[1])
         if self.hparams.get("outer_optimizer", "ppo") == "trpo":
-            extra = self._trpo_update(support, query)
-            minibatches = [(slice(0, batch.num_agents), slice(0, query.rewards.shape[1]))]
-        stopped = False
-        for _ in range(self.hparams.ppo_epochs) if not extra else ():
-            for agents, envs in minibatches:
-                step = self._outer_step(support.agents(agents), query.agents(agents).envs(envs), optimizer, may_stop=bool(losses))
-                if step is None:
-                    stopped = True
-                    break
-                losses.append(step[0])
-                grad_norms.append(step[1])
-            if stopped:
-                break
-        if extra:  # TRPO: the critic's value steps
+            # One step of the actor, then the critic's value steps (one minibatch: trpo takes none).
+            trpo = self._trpo_update(support, query)
             for _ in range(self.hparams.ppo_epochs):
                 losses.append(self._value_step(query, optimizer))
                 grad_norms.append(self._clip_gradients())
                 optimizer.step()
+        else:
+            stopped = False
+            for _ in range(self.hparams.ppo_epochs):
+                for agents, envs in minibatches:
+                    step = self._outer_step(support.agents(agents), query.agents(agents).envs(envs), optimizer, may_stop=bool(losses))
+                    if step is None:
+                        stopped = True
+                        break
+                    losses.append(step[0])
+                    grad_norms.append(step[1])
+                if stopped:
+                    break
         # The first epoch's loss over all agents (its minibatches weighted by their share).
         sizes = [(a.stop - a.start) * (e.stop - e.start) for a, e in minibatches]
         head = list(zip(sizes, losses[: len(minibatches)]))
@@ -330,10 +330,10 @@ class MetaRLModule(L.LightningModule):
             "train/clip_fraction": last.clip_fraction,
             "train/grad_norm": torch.stack(grad_norms).mean(),
         }
-        if extra:  # the surrogate and KL of the TRPO step replace the PPO terms
-            metrics.update(extra)
-            metrics["train/approx_kl"] = extra["train/trpo_kl"]
-            metrics["train/policy_loss"] = extra["train/trpo_loss_before"]
+        if trpo:  # the surrogate and KL of the TRPO step replace the PPO terms
+            metrics.update(trpo)
+            metrics["train/approx_kl"] = trpo["train/trpo_kl"]
+            metrics["train/policy_loss"] = trpo["train/trpo_loss_before"]
         metrics.update(self._trial_metrics("train", query))
         # Epoch aggregates only: one series per metric in MLflow (not `_step` and `_epoch` twins).
         self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=world > 1)
@@ -347,15 +347,6 @@ class MetaRLModule(L.LightningModule):
 
     def _trpo_update(self, support: Rollout, query: Rollout) -> dict[str, torch.Tensor]:
         """The MAML-TRPO step of the actor (:mod:`metarl_lightning.trpo_outer`); its metrics."""
-        world = self.trainer.world_size
-
-        def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
-            if world <= 1:
-                return t
-            t = t.clone()
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-            return t / world
-
         step = maml_trpo_update(
             self.policy,
             self._meta_parameters(),
@@ -366,7 +357,7 @@ class MetaRLModule(L.LightningModule):
             max_kl=self.hparams.max_kl,
             first_order=self.hparams.first_order,
             entropy_coef=self.ppo.entropy_coef,
-            reduce=mean_over_ranks,
+            reduce=self._mean_over_ranks,
         )
         return {
             "train/trpo_loss_before": step.loss_before,
@@ -464,15 +455,22 @@ class MetaRLModule(L.LightningModule):
         block = getattr(strategy, "block_backward_sync", None)
         return block() if callable(block) and self.trainer.world_size > 1 else contextlib.nullcontext()
 
+    def _mean_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` averaged over the data-parallel ranks (a new tensor; itself on one process)."""
+        world = self.trainer.world_size
+        if world <= 1:
+            return tensor
+        total = tensor.detach().clone()
+        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
+        return total / world
+
     def _all_reduce_gradients(self) -> None:
         """Average the meta-gradient over ranks with one flattened all-reduce."""
         if self.trainer.world_size <= 1:
             return
         params = [p for p in self.parameters() if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        flat /= self.trainer.world_size
+        flat = self._mean_over_ranks(torch.cat([g.reshape(-1) for g in grads]))
         offset = 0
         for p in params:
             n = p.numel()
@@ -487,11 +485,7 @@ class MetaRLModule(L.LightningModule):
         target = self.hparams.target_kl
         if target is None:
             return False
-        kl = approx_kl.detach().clone()
-        if self.trainer.world_size > 1:
-            torch.distributed.all_reduce(kl, op=torch.distributed.ReduceOp.SUM)
-            kl /= self.trainer.world_size
-        return bool(kl > 1.5 * target)
+        return bool(self._mean_over_ranks(approx_kl.detach()) > 1.5 * target)
 
     def _clip_gradients(self) -> torch.Tensor:
         params = [p for p in self.parameters() if p.grad is not None]

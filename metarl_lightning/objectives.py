@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from metarl_lightning.algorithms.ppo import PPOLoss, gaussian_entropy, gaussian_log_prob, ppo_loss
-from metarl_lightning.policies.base import ActorCritic
+from metarl_lightning.policies.base import ActorCritic, PolicyOutput
 from metarl_lightning.policies.functional import batched_policy_forward
 from metarl_lightning.rollouts import Rollout
 
@@ -49,6 +49,12 @@ def agents_ppo_loss(
         settings: PPO coefficients.
     """
     out = batched_policy_forward(policy, stacked_params, rollout.observations, rollout.initial_state, rollout.resets)
+    return ppo_loss_of_output(out, rollout, settings)
+
+
+def ppo_loss_of_output(out: PolicyOutput, rollout: Rollout, settings: PPOSettings) -> PPOLoss:
+    """:func:`agents_ppo_loss` from the policy's output on ``rollout`` (``[K, E, T, ...]`` fields),
+    for callers that need that forward for something else too (the TRPO line search's KL)."""
     log_probs = gaussian_log_prob(out.mean, out.log_std, rollout.actions)  # (K, E, T)
     entropy = gaussian_entropy(out.log_std, out.mean)  # (K, E, T)
     return ppo_loss(

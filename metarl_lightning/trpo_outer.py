@@ -19,8 +19,8 @@ import torch
 
 from metarl_lightning.algorithms.maml import stack_for_agents
 from metarl_lightning.algorithms.trpo import TRPOStep, gaussian_kl, trpo_step
-from metarl_lightning.objectives import PPOSettings, agents_ppo_loss
-from metarl_lightning.policies.base import ActorCritic
+from metarl_lightning.objectives import PPOSettings, ppo_loss_of_output
+from metarl_lightning.policies.base import ActorCritic, PolicyOutput
 from metarl_lightning.policies.functional import batched_policy_forward
 from metarl_lightning.rollouts import Rollout
 
@@ -61,11 +61,11 @@ def maml_trpo_update(
     def adapted(order_one: bool) -> dict[str, torch.Tensor]:
         return adapt(stack_for_agents(meta_parameters, num_agents), support, order_one)
 
-    def forward(params: dict[str, torch.Tensor]):
+    def forward(params: dict[str, torch.Tensor]) -> PolicyOutput:
         return batched_policy_forward(policy, params, query.observations, query.initial_state, query.resets)
 
-    def loss_of(params: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss = agents_ppo_loss(policy, params, query, surrogate)
+    def loss_of(out: PolicyOutput) -> torch.Tensor:
+        loss = ppo_loss_of_output(out, query, surrogate)
         return loss.policy - entropy_coef * loss.entropy
 
     with torch.enable_grad():
@@ -74,22 +74,23 @@ def maml_trpo_update(
         old = forward(acting)
     old_mean, old_log_std = old.mean.detach(), old.log_std.detach()
 
-    def kl_of(params: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = forward(params)
+    def kl_of(out: PolicyOutput) -> torch.Tensor:
         return gaussian_kl(old_mean, old_log_std, out.mean, out.log_std).mean()
 
     def evaluate() -> tuple[torch.Tensor, torch.Tensor]:
-        # Values only: a first-order inner step gives the same theta' without a graph to keep.
+        # Values only: a first-order inner step gives the same theta' without a graph to keep,
+        # and one forward gives both the loss and the KL of a line-search point.
         with torch.enable_grad():
             params = {k: v.detach() for k, v in adapted(True).items()}
         with torch.no_grad():
-            return loss_of(params), kl_of(params)
+            out = forward(params)
+            return loss_of(out), kl_of(out)
 
     leaves = [*meta_parameters.values(), *extra_parameters]
     return trpo_step(
         leaves,
-        lambda: loss_of(adapted(first_order)),
-        lambda: kl_of(adapted(True)),
+        lambda: loss_of(forward(adapted(first_order))),
+        lambda: kl_of(forward(adapted(True))),
         max_kl=max_kl,
         cg_iterations=cg_iterations,
         damping=damping,
