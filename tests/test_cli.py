@@ -40,13 +40,14 @@ def test_every_config_parses_and_instantiates(config, tmp_path):
     assert cli.config["trainer"]["inference_mode"] is False
 
 
-def test_the_official_protocol_overlay_sets_the_published_counts(tmp_path):
+@pytest.mark.parametrize(("overlay", "every_n_epochs"), [("official.yaml", 0), ("official_in_fit.yaml", 10)])
+def test_the_official_protocol_overlays_set_the_published_counts(overlay, every_n_epochs, tmp_path):
     cli = MetaRLCLI(
         MetaRLModule,
         MetaTaskDataModule,
         run=False,
         save_config_callback=None,
-        args=["--config", str(ROOT / "configs/ml10.yaml"), "--config", str(ROOT / "configs/eval/official.yaml"),
+        args=["--config", str(ROOT / "configs/ml10.yaml"), "--config", str(ROOT / "configs/eval" / overlay),
               "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)],
     )
     (evaluation,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, MetaWorldEvaluation)]
@@ -54,7 +55,7 @@ def test_the_official_protocol_overlay_sets_the_published_counts(tmp_path):
         "protocol": "official", "num_evals": None, "adaptation_episodes": 10, "evaluation_episodes": 3,
         "envs_per_class": 1, "max_episode_steps": 500,
     }
-    assert evaluation.every_n_epochs == 0
+    assert evaluation.every_n_epochs == every_n_epochs
 
 
 NAV2D = ["--config", str(ROOT / "configs/nav2d.yaml")]
