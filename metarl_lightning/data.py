@@ -113,6 +113,12 @@ class MetaTaskDataModule(L.LightningDataModule):
             ``rollouts_per_task / envs_per_task`` (and ``eval_rollouts_per_task / envs_per_task``).
             ``null``: all of them (one trial per env and rollout). Several envs per task run
             several trials of it side by side, which keeps the policy calls wide.
+        query_state: MAML with ``reset_state_on: trial``: where the query rollouts' trials start.
+            ``fresh``: from the zero state, a new trial. ``carry``: each env's query trial goes on
+            from the state (and context inputs) where its support trial ended, as Meta-World's
+            evaluation runs a trial-memory agent (the adaptation episodes' state carries into the
+            evaluation episodes). The carried state is a constant of the outer loss, like the
+            support samples themselves.
         context_inputs: append the previous action, the previous reward (times
             ``context_reward_scale``) and an episode-start flag to every observation, zero at a
             trial start (``metarl_lightning.envs.context``): the input an in-context (RL^2) agent
@@ -149,6 +155,7 @@ class MetaTaskDataModule(L.LightningDataModule):
         task_one_hot: bool = False,
         reset_state_on: str = "episode",
         episodes_per_trial: int | None = None,
+        query_state: str = "fresh",
         context_inputs: bool = False,
         context_reward_scale: float | None = None,
         compile_policy: bool = False,
@@ -200,6 +207,12 @@ class MetaTaskDataModule(L.LightningDataModule):
                     f"must be >= 1 and divide the {episodes} episodes per env of a rollout "
                     f"({name} / envs_per_task), got {episodes_per_trial}",
                 )
+        require(query_state in ("fresh", "carry"), "data.query_state", f"unknown {query_state!r}; valid: fresh, carry")
+        require(
+            query_state == "fresh" or reset_state_on == "trial",
+            "data.query_state",
+            "carry needs data.reset_state_on: trial (with episode resets there is no state to carry)",
+        )
         require(
             not context_inputs or not benchmark.startswith("MT"),
             "data.context_inputs",
@@ -224,6 +237,7 @@ class MetaTaskDataModule(L.LightningDataModule):
         self.task_one_hot = task_one_hot
         self.reset_state_on = reset_state_on
         self.episodes_per_trial = episodes_per_trial
+        self.query_state = query_state
         self.context_inputs = context_inputs
         self.context_reward_scale = context_reward_scale
         self.compile_policy = compile_policy

@@ -239,24 +239,47 @@ class MetaRLModule(L.LightningModule):
         adapted = inner_update(adaptable, inner_loss, self.inner_step_sizes(), self.hparams.inner_steps, first_order)
         return {**fixed, **adapted}
 
-    def _collect(self, collector: RolloutCollector, params: dict[str, torch.Tensor] | None, noise: torch.Tensor, num_steps: int) -> Rollout:
-        """Roll out with per-agent ``params`` (``None``: all agents act with theta) and add GAE."""
+    def _collect(
+        self,
+        collector: RolloutCollector,
+        params: dict[str, torch.Tensor] | None,
+        noise: torch.Tensor,
+        num_steps: int,
+        after: Rollout | None = None,
+    ) -> Rollout:
+        """Roll out with per-agent ``params`` (``None``: all agents act with theta) and add GAE.
+
+        ``after``: a rollout (acted with theta) whose trials this one continues (``query_state:
+        carry``): its final state and context inputs are where every env starts.
+        """
         detached = None if params is None else {k: v.detach() for k, v in params.items()}
-        rollout = collector.collect(self.policy, detached, num_steps, noise)
+        start_state = None if after is None else self._final_state(after)
+        start_context = None if after is None else after.final_context
+        rollout = collector.collect(self.policy, detached, num_steps, noise, start_state=start_state, start_context=start_context)
         self.compute_advantages(rollout)
         return rollout
+
+    @torch.no_grad()
+    def _final_state(self, rollout: Rollout) -> torch.Tensor:
+        """``[K, E, *S]``: the recurrent state after a theta rollout's last step, by the scan over it."""
+        K, E = rollout.rewards.shape[:2]
+        out = self.policy(rollout.observations.flatten(0, 1), rollout.initial_state.flatten(0, 1), rollout.resets.flatten(0, 1))
+        return out.state.reshape(K, E, *out.state.shape[1:])
 
     def compute_advantages(self, rollout: Rollout) -> None:
         """GAE with the module's gamma, lambda, reward scale and baseline (training and evaluation)."""
         hp = self.hparams
         rollout.compute_advantages(hp.gamma, hp.gae_lambda, self.reward_scale, hp.get("baseline", "critic"))
 
-    def adapt_and_collect(self, batch: MetaBatch, collector: RolloutCollector, num_steps: int) -> tuple[Rollout, Rollout]:
+    def adapt_and_collect(
+        self, batch: MetaBatch, collector: RolloutCollector, num_steps: int, query_state: str = "fresh"
+    ) -> tuple[Rollout, Rollout]:
         """Support rollouts with theta, per-agent adaptation, query rollouts with theta_k'.
 
         Used by training and by evaluation (where the query rollouts measure adapted performance).
         With ``inner_steps: 0`` nothing adapts, so a second rollout with the same theta would only
-        cost env steps: the query rollout is also returned as the support.
+        cost env steps: the query rollout is also returned as the support. ``query_state``:
+        ``carry`` starts the query trials where the support trials ended (``data.query_state``).
         """
         collector.env.set_tasks(batch.tasks)
         if self.hparams.inner_steps == 0:
@@ -272,14 +295,16 @@ class MetaRLModule(L.LightningModule):
                 leaf = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
                 pieces.append({k: v.detach() for k, v in self._adapt(leaf, chunk, first_order=True).items()})
         adapted = pieces[0] if len(pieces) == 1 else {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
-        query = self._collect(collector, adapted, batch.query_noise, num_steps)
+        query = self._collect(collector, adapted, batch.query_noise, num_steps, after=support if query_state == "carry" else None)
         return support, query
 
     def training_step(self, batch: MetaBatch, batch_idx: int) -> None:
         """One meta-iteration (module docstring)."""
         datamodule = self.trainer.datamodule
         started = time.perf_counter()
-        support, query = self.adapt_and_collect(batch, datamodule.train_collector, datamodule.rollout_steps)
+        support, query = self.adapt_and_collect(
+            batch, datamodule.train_collector, datamodule.rollout_steps, getattr(datamodule, "query_state", "fresh")
+        )
         collect_seconds = time.perf_counter() - started
 
         optimizer = self.optimizers()
@@ -498,7 +523,9 @@ class MetaRLModule(L.LightningModule):
     def _evaluate(self, batch: MetaBatch, prefix: str) -> None:
         datamodule = self.trainer.datamodule
         with torch.enable_grad():
-            support, query = self.adapt_and_collect(batch, datamodule.eval_collector, datamodule.eval_rollout_steps)
+            support, query = self.adapt_and_collect(
+                batch, datamodule.eval_collector, datamodule.eval_rollout_steps, getattr(datamodule, "query_state", "fresh")
+            )
         world = self.trainer.world_size
         metrics = {
             f"{prefix}/pre_adaptation_return": support.episode_return.mean(),

@@ -50,6 +50,8 @@ class Rollout:
         episode_success: ``[K]`` share of those episodes with a success at any step.
         advantages: ``[K, E, T]`` GAE advantages (set by :meth:`compute_advantages`).
         returns: ``[K, E, T]`` value targets (set by :meth:`compute_advantages`).
+        final_context: ``[K, E, C]`` with context inputs: what the step after the last one would
+            see (the last action, reward and done flag), for a trial that goes on in another rollout.
     """
 
     observations: torch.Tensor
@@ -66,6 +68,7 @@ class Rollout:
     episode_success: torch.Tensor
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    final_context: torch.Tensor | None = None
 
     @property
     def num_steps(self) -> int:
@@ -183,6 +186,7 @@ class _Lane:
         self.sent_action: np.ndarray | None = None  # [N_lane, A] clipped, as the env got it
         self.reset: torch.Tensor | None = None
         self.no_reset: torch.Tensor | None = None
+        self.final_context: torch.Tensor | None = None  # [K_lane, E, C], with context inputs
         self.rewards = np.empty((num_steps, n), dtype=np.float32)
         self.terminated = np.empty((num_steps, n), dtype=bool)
         self.truncated = np.empty((num_steps, n), dtype=bool)
@@ -305,8 +309,16 @@ class RolloutCollector:
         num_steps: int,
         action_noise: torch.Tensor,
         deterministic: bool = False,
+        start_state: torch.Tensor | None = None,
+        start_context: torch.Tensor | None = None,
     ) -> Rollout:
         """Reset every env and act for ``num_steps`` steps.
+
+        A rollout starts a new trial in every env (the task may have changed), unless
+        ``start_state`` continues one: then the state is not zeroed before step 0
+        (``resets[..., 0]`` false) and the first step's context inputs are ``start_context`` (a
+        finished rollout's ``final_context``); the first episode of this rollout counts as the
+        first of its trial for ``episodes_per_trial``.
 
         Args:
             policy: the policy module.
@@ -316,6 +328,10 @@ class RolloutCollector:
             action_noise: ``[K, E, T, A]`` standard-normal noise; passing it in makes the
                 exploration reproducible and independent of how agents are split over ranks.
             deterministic: act with the mean (evaluation).
+            start_state: ``[K, E, *S]`` state to start from, in the policy's sequence layout
+                (``PolicyOutput.state``); ``None``: zeros and a new trial.
+            start_context: ``[K, E, C]`` context inputs of step 0 when ``start_state`` is given (and
+                the collector appends context inputs).
 
         Returns:
             The :class:`Rollout` (advantages not yet computed).
@@ -328,7 +344,11 @@ class RolloutCollector:
         for index, (start, stop) in enumerate(stepper.lanes):
             params = None if stacked_params is None else {n: p[start:stop] for n, p in stacked_params.items()}
             acting = policy.acting_step(params, stop - start, E, with_values=not self.values_after_rollout)
-            lanes.append(_Lane(index, start, stop, E, num_steps, acting))
+            lane = _Lane(index, start, stop, E, num_steps, acting)
+            if start_state is not None:
+                lane.state = acting.initial_state(start_state[start:stop])
+                lane.resets[0] = False
+            lanes.append(lane)
 
         # Per step the learner only acts and stores three tensors; everything derivable from the
         # whole rollout (log-probs, next values, the env-side tensors) is done once after the loop.
@@ -390,12 +410,22 @@ class RolloutCollector:
             context = None
             if with_context:
                 context = context_features(lane.sent_action, result.reward, done, self.context_reward_scale)
+                if t + 1 == num_steps:
+                    lane.final_context = to_tensor(context.copy(), lane).to(dtype)  # before any trial start
                 context[starts] = 0.0  # a new trial: nothing happened yet
             lane.obs = to_tensor(self._policy_input(result.observation, context), lane).to(dtype)
 
-        # Every rollout starts a trial (the task may have changed): zero context inputs.
+        # A rollout starts a trial (the task may have changed): zero context inputs; or goes on
+        # with the trial of ``start_state``.
         reset_obs = env.reset()
-        first_context = np.zeros((len(reset_obs), context_dim(A)), dtype=np.float32) if with_context else None
+        first_context = None
+        if with_context:
+            first_context = np.zeros((len(reset_obs), context_dim(A)), dtype=np.float32)
+            if start_state is not None:
+                if start_context is None:
+                    raise ValueError("collect: start_state needs start_context when the collector appends context inputs")
+                first_context = start_context.reshape(len(reset_obs), -1).cpu().numpy().astype(np.float32)
+                first_context[:, -1] = 1.0  # the reset above starts a new episode of the trial
         first_obs = torch.as_tensor(self._policy_input(reset_obs, first_context), device=device).to(dtype).reshape(K, E, -1)
         threads = torch.get_num_threads()
         if self.acting_threads is not None:
@@ -408,7 +438,7 @@ class RolloutCollector:
             with torch.inference_mode():
                 for lane in lanes:
                     lane.obs = first_obs[lane.agents]
-                    lane.reset = torch.ones(lane.shape, dtype=torch.bool, device=device)
+                    lane.reset = torch.full(lane.shape, start_state is None, dtype=torch.bool, device=device)
                     lane.no_reset = torch.zeros(lane.shape, dtype=torch.bool, device=device)
                     act_and_send(lane, 0)
                 for t in range(num_steps):
@@ -426,9 +456,12 @@ class RolloutCollector:
         terminated = steps_last([lane.terminated for lane in lanes])
         truncated = steps_last([lane.truncated for lane in lanes])
         resets = steps_last([lane.resets for lane in lanes])
-        # Every rollout starts from the zero state; training recomputes from it.
-        initial_state = policy.initial_state(K * E, device=device).to(dtype)
-        initial_state = initial_state.reshape(K, E, *initial_state.shape[1:])
+        # Training recomputes from the state the rollout started from.
+        if start_state is not None:
+            initial_state = start_state.to(dtype)
+        else:
+            initial_state = policy.initial_state(K * E, device=device).to(dtype)
+            initial_state = initial_state.reshape(K, E, *initial_state.shape[1:])
         if final_observations is not None:
             last_obs, last_reset = torch.cat([lane.obs for lane in lanes]), torch.cat([lane.reset for lane in lanes])
             values, truncation_values, last_value = rollout_values(
@@ -461,4 +494,5 @@ class RolloutCollector:
             initial_state=initial_state,
             episode_return=torch.as_tensor(per_env_return.reshape(K, E).mean(1), dtype=dtype, device=device),
             episode_success=torch.as_tensor(per_env_success.reshape(K, E).mean(1), dtype=dtype, device=device),
+            final_context=torch.cat([lane.final_context for lane in lanes]) if with_context else None,
         )

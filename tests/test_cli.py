@@ -73,6 +73,8 @@ BAD_INPUTS = {
     "negative inner lr": ([*NAV2D, "--model.inner_lr", "-1"], "model.inner_lr", ">= 0"),
     "negative inner steps": ([*NAV2D, "--model.inner_steps", "-1"], "model.inner_steps", ">= 0"),
     "envs do not divide": ([*NAV2D, "--data.rollouts_per_task", "10", "--data.envs_per_task", "3"], "data.envs_per_task", "divide"),
+    "carried query state without a query": ([*NAV2D, "--data.reset_state_on", "trial", "--data.query_state", "carry", "--model.inner_steps", "0"],
+                                            "data.query_state", "inner_steps >= 1"),
     "env minibatches do not divide": ([*NAV2D, "--data.rollouts_per_task", "4", "--data.envs_per_task", "4", "--model.outer_env_minibatches", "3"], "model.outer_env_minibatches", "divisor of 4"),
     "width 0": ([*NAV2D, "--model.policy.init_args.hidden_dim", "0"], "model.policy.init_args.hidden_dim", ">= 1"),
     "negative SSM width": ([*NAV2D, "--model.policy.init_args.state_dim", "-4"], "model.policy.init_args.state_dim", ">= 1"),

@@ -156,6 +156,40 @@ def test_episode_mode_zeroes_state_and_context_at_every_episode_start():
 
 
 # ---------------------------------------------------------------------------------- data module
+@pytest.mark.parametrize("per_agent", [True, False], ids=["per-agent", "theta"])
+@pytest.mark.parametrize("kind", sorted(POLICIES))
+def test_a_rollout_started_where_another_ended_continues_its_trial(kind, per_agent):
+    """Oracle: one rollout of 2T steps (one trial) == a rollout of T steps, then one of T steps
+    started from the first one's final state and context (``query_state: carry``); with per-agent
+    parameters and with theta shared by all agents (the acting steps lay their state out apart)."""
+    policy, params, collector, whole = _nav_rollout(kind, reset_state_on="trial", episodes_per_trial=None)
+    if not per_agent:
+        theta = {k: v[0] for k, v in params.items()}
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                p.copy_(theta[name])
+        params = stack_for_agents(theta, K)
+        whole = collector.collect(policy, None, STEPS, torch.randn(K, E, STEPS, 2, generator=torch.Generator().manual_seed(1)))
+    acting = params if per_agent else None
+    half = STEPS // 2
+    noise = torch.randn(K, E, STEPS, 2, generator=torch.Generator().manual_seed(1))  # _nav_rollout's noise
+    first = collector.collect(policy, acting, half, noise[:, :, :half].contiguous())
+    final_state = batched_policy_forward(policy, params, first.observations, first.initial_state, first.resets).state
+    second = collector.collect(
+        policy, acting, half, noise[:, :, half:].contiguous(), start_state=final_state, start_context=first.final_context
+    )
+    assert not second.resets[..., 0].any() and torch.equal(second.initial_state, final_state)
+    assert (second.observations[:, :, 0, -1] == 1).all()  # the first step starts an episode of the trial
+    for name in ("observations", "actions", "log_probs", "values", "rewards", "resets"):
+        torch.testing.assert_close(getattr(second, name), getattr(whole, name)[:, :, half:], rtol=0, atol=1e-4, msg=name)
+    # Training's recomputation of the second rollout from its start state == what it acted with.
+    out = batched_policy_forward(policy, params, second.observations, second.initial_state, second.resets)
+    torch.testing.assert_close(gaussian_log_prob(out.mean, out.log_std, second.actions), second.log_probs, rtol=0, atol=1e-4)
+    # From the zero state instead, the same inputs act differently: the state did carry.
+    fresh = collector.collect(policy, acting, half, noise[:, :, half:].contiguous())
+    assert (fresh.values - whole.values[:, :, half:]).abs().max() > 1e-3
+
+
 def test_data_module_links_the_context_size_and_refuses_bad_trials():
     assert MetaTaskDataModule("nav2d").observation_dim == 2
     assert MetaTaskDataModule("nav2d", context_inputs=True).observation_dim == 2 + 4
@@ -167,6 +201,7 @@ def test_data_module_links_the_context_size_and_refuses_bad_trials():
         "data.context_inputs": dict(benchmark="MT10", context_inputs=True),
         "data.episodes_per_trial": dict(rollouts_per_task=8, envs_per_task=2, reset_state_on="trial", episodes_per_trial=3),
         "data.context_reward_scale": dict(context_inputs=True, context_reward_scale=0.0),
+        "data.query_state": dict(query_state="carry"),  # no trials: nothing to carry
     }
     for field, kwargs in bad.items():
         with pytest.raises(ConfigError, match=field):
@@ -186,3 +221,30 @@ def test_trial_episode_returns_average_the_ith_episode_of_every_trial():
     cut = trial_episode_returns(*(x[..., : STEPS - 2] for x in (r.rewards, r.terminated, r.truncated, r.resets)))
     torch.testing.assert_close(cut, torch.stack([per_episode[:, :, [0, 2]].mean(), per_episode[:, :, 1].mean()]))
 
+
+
+def test_maml_query_trials_carry_on_from_the_support_trials():
+    """``data.query_state: carry`` through the module: each env's query trial starts from the state
+    (the scan over the support with theta) and the context where its support trial ended."""
+    import lightning as L
+
+    from metarl_lightning.module import MetaRLModule
+
+    L.seed_everything(0, verbose=False)
+    data = MetaTaskDataModule("nav2d", seed=0, meta_batch_size=2, rollouts_per_task=4, envs_per_task=2, max_episode_steps=5,
+                              reset_state_on="trial", context_inputs=True, query_state="carry")  # fmt: skip
+    data.setup("fit")
+    module = MetaRLModule(SSMActorCritic(data.observation_dim, 2, hidden_dim=16, state_dim=8), inner_lr=0.1)
+    batch = data.meta_batch("train", 0)
+    support, query = module.adapt_and_collect(batch, data.train_collector, data.rollout_steps, data.query_state)
+    theta = stack_for_agents(dict(module.policy.named_parameters()), 2)
+    with torch.no_grad():
+        final = batched_policy_forward(module.policy, theta, support.observations, support.initial_state, support.resets).state
+    torch.testing.assert_close(query.initial_state, final)
+    assert final.abs().max() > 0 and not query.resets[..., 0].any()
+    last_action = support.actions[:, :, -1].clamp(-1, 1)  # nav2d clips to the action box of the context
+    torch.testing.assert_close(query.observations[:, :, 0, 2:4], last_action)
+    torch.testing.assert_close(query.observations[:, :, 0, 4], support.rewards[:, :, -1])  # nav2d reward scale 1
+    assert (query.observations[:, :, 0, 5] == 1).all()
+    _, fresh = module.adapt_and_collect(batch, data.train_collector, data.rollout_steps, "fresh")
+    assert fresh.resets[..., 0].all() and fresh.initial_state.abs().max() == 0

@@ -61,7 +61,13 @@ def check_benchmark(data: Mapping[str, Any], fit: bool) -> None:
 
 
 def check_model(model: Mapping[str, Any], data: Mapping[str, Any]) -> None:
-    """Outer minibatches over envs must split every task's envs evenly (``data.envs_per_task``)."""
+    """Outer minibatches over envs must split every task's envs evenly (``data.envs_per_task``);
+    a carried query state needs a query rollout, i.e. an inner step."""
+    require(
+        data.get("query_state") != "carry" or model.get("inner_steps") != 0,
+        "data.query_state",
+        "carry needs model.inner_steps >= 1 (with 0 there is no query rollout: the one rollout is one trial)",
+    )
     groups = model.get("outer_env_minibatches")
     envs = data.get("envs_per_task")
     if isinstance(groups, int) and isinstance(envs, int) and groups >= 1 and envs >= 1:

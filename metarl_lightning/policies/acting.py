@@ -49,12 +49,14 @@ class ActingStep(Protocol):
     """What a collector calls once per env step (no autograd; parameters fixed for the rollout).
 
     The recurrent state is opaque to the caller: a step may keep it in whatever layout makes its
-    step cheapest. Rollouts always start from the zero state, which is what training starts its
-    recomputation from (``ActorCritic.initial_state``).
+    step cheapest. A rollout starts from the zero state, or from a state in the policy's sequence
+    layout (``PolicyOutput.state``, e.g. where the support trials ended), which is what training
+    starts its recomputation from.
     """
 
-    def initial_state(self) -> Any:
-        """Zero state for ``K x E`` envs in this step's layout."""
+    def initial_state(self, state: torch.Tensor | None = None) -> Any:
+        """Start state for ``K x E`` envs in this step's layout: zeros, or ``state`` ``[K, E, *S]``
+        given in the policy's sequence layout (``ActorCritic.initial_state`` / ``PolicyOutput.state``)."""
 
     def __call__(self, obs: torch.Tensor, state: Any, reset: torch.Tensor) -> ActingOutput:
         """Act on ``obs`` ``[K, E, D]``; ``reset`` ``[K, E]`` bool zeroes the state first."""
@@ -84,8 +86,10 @@ class GenericActingStep:
         reference = next(iter((stacked_params or dict(policy.named_parameters())).values()))
         self.device, self.dtype = reference.device, reference.dtype
 
-    def initial_state(self) -> torch.Tensor:
-        """``policy.initial_state`` as ``[K, E, *S]``."""
+    def initial_state(self, state: torch.Tensor | None = None) -> torch.Tensor:
+        """``policy.initial_state`` as ``[K, E, *S]`` (this step's layout is the sequence layout)."""
+        if state is not None:
+            return state.to(self.dtype).clone()
         K, E = self.num_agents, self.envs_per_agent
         state = self.policy.initial_state(K * E, device=self.device).to(self.dtype)
         return state.reshape(K, E, *state.shape[1:])

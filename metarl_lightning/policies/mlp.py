@@ -58,8 +58,8 @@ class MLPActingStep(NativeActingStep):
         self.action_head = prepare_linear(sets.get(f"actor.{head}.weight"), sets.get(f"actor.{head}.bias"))
         self.value_head = prepare_linear(sets.get(f"critic.{head}.weight"), sets.get(f"critic.{head}.bias"))
 
-    def initial_state(self) -> torch.Tensor:
-        """Width-0 state ``[K, E, 0]``."""
+    def initial_state(self, state: torch.Tensor | None = None) -> torch.Tensor:
+        """Width-0 state ``[K, E, 0]`` (a stateless policy has nothing to start from)."""
         return torch.zeros(self.num_agents, self.envs_per_agent, 0, dtype=self.dtype, device=self.device)
 
     def __call__(self, obs: torch.Tensor, state: torch.Tensor, reset: torch.Tensor) -> ActingOutput:

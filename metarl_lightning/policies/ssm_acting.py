@@ -117,12 +117,25 @@ class SSMActingStep(NativeActingStep):
         ) if with_values else None
         self.num_modes = policy.num_modes
 
-    def initial_state(self) -> tuple[torch.Tensor, ...]:
-        """Zero complex state: one ``[G * K', M, N]`` tensor per block."""
+    def initial_state(self, state: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Complex state, one ``[G * K', M, N]`` tensor per block: zeros, or ``state``.
+
+        ``state`` is the sequence layout ``[K, E, trunks * L, N, 2]`` (real/imag pairs, the actor
+        trunk's blocks first, then the critic's), as ``SSMActorCritic.forward`` returns it.
+        """
         sets = len(self.trunks) * self.num_sets
         envs = self.num_agents * self.envs_per_agent // self.num_sets
         complex_dtype = torch.promote_types(self.dtype, torch.complex64)  # float64 -> complex128
-        return tuple(torch.zeros(sets, envs, self.num_modes, dtype=complex_dtype, device=self.device) for _ in self.blocks)
+        if state is None:
+            return tuple(torch.zeros(sets, envs, self.num_modes, dtype=complex_dtype, device=self.device) for _ in self.blocks)
+        L = len(self.blocks)
+        flat = state.to(self.dtype).reshape(self.num_agents * self.envs_per_agent, -1, self.num_modes, 2)
+        # Env index k * E + e is row k' * M + m of both layouts (K' = K, M = E; or K' = 1, M = K * E).
+        return tuple(
+            torch.stack([torch.view_as_complex(flat[:, g * L + i].contiguous()) for g in range(len(self.trunks))])
+            .reshape(sets, envs, self.num_modes)
+            for i in range(L)
+        )
 
     def __call__(self, obs: torch.Tensor, state: tuple[torch.Tensor, ...], reset: torch.Tensor) -> ActingOutput:
         """See :class:`~metarl_lightning.policies.acting.ActingStep`."""
