@@ -419,13 +419,13 @@ class RolloutCollector:
         # with the trial of ``start_state``.
         reset_obs = env.reset()
         first_context = None
-        if with_context:
+        if with_context and start_state is None:
             first_context = np.zeros((len(reset_obs), context_dim(A)), dtype=np.float32)
-            if start_state is not None:
-                if start_context is None:
-                    raise ValueError("collect: start_state needs start_context when the collector appends context inputs")
-                first_context = start_context.reshape(len(reset_obs), -1).cpu().numpy().astype(np.float32)
-                first_context[:, -1] = 1.0  # the reset above starts a new episode of the trial
+        elif with_context:
+            if start_context is None:
+                raise ValueError("collect: start_state needs start_context when the collector appends context inputs")
+            first_context = start_context.reshape(len(reset_obs), -1).cpu().numpy().astype(np.float32)
+            first_context[:, -1] = 1.0  # the reset above starts a new episode of the trial
         first_obs = torch.as_tensor(self._policy_input(reset_obs, first_context), device=device).to(dtype).reshape(K, E, -1)
         threads = torch.get_num_threads()
         if self.acting_threads is not None:

@@ -222,7 +222,6 @@ def test_trial_episode_returns_average_the_ith_episode_of_every_trial():
     torch.testing.assert_close(cut, torch.stack([per_episode[:, :, [0, 2]].mean(), per_episode[:, :, 1].mean()]))
 
 
-
 def test_maml_query_trials_carry_on_from_the_support_trials():
     """``data.query_state: carry`` through the module: each env's query trial starts from the state
     (the scan over the support with theta) and the context where its support trial ended."""
