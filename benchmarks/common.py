@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,8 @@ class IterationMeter(L.Callback):
         self.rates: list[float] = []
         self.collect_shares: list[float] = []
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The module logs these per epoch (one meta-iteration per epoch here), not per step.
         self.rates.append(float(trainer.callback_metrics["train/env_steps_per_s"]))
         self.collect_shares.append(float(trainer.callback_metrics["train/collect_fraction"]))
 
@@ -57,3 +60,27 @@ def config_policy(config: str, observation_dim: int, action_dim: int) -> torch.n
     module_name, class_name = spec["class_path"].rsplit(".", 1)
     policy_class = getattr(importlib.import_module(module_name), class_name)
     return policy_class(observation_dim, action_dim, **spec.get("init_args", {}))
+
+
+class FirstStepTimer(L.Callback):
+    """Prints the seconds from ``METARL_T0`` (wall clock, set by the parent) to each start-up mark.
+
+    For ``--trainer.callbacks+=benchmarks.common.FirstStepTimer`` on a ``cli.py fit`` that the
+    start-up benchmark times: ``parsed`` (imports, config parsed and checked; this callback is
+    built), ``setup`` (the MLflow run started, env workers and train envs built), ``first_step``
+    (the first collection starts).
+    """
+
+    def __init__(self) -> None:
+        self.t0 = float(os.environ.get("METARL_T0", time.time()))
+        self._mark("parsed")
+
+    def _mark(self, name: str) -> None:
+        print(f"STARTUP {name} {time.time() - self.t0:.2f}", flush=True)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._mark("setup")  # Lightning starts the logger's run and sets up the data module first
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == 0:
+            self._mark("first_step")

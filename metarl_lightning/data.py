@@ -25,6 +25,7 @@ from metarl_lightning.envs.navigation import Navigation2DVectorEnv
 from metarl_lightning.errors import ConfigError, require
 from metarl_lightning.meta_batch import MetaBatch
 from metarl_lightning.rollouts import RolloutCollector
+from metarl_lightning.threads import learner_threads, runnable_elsewhere, usable_cores
 
 NAV2D = "nav2d"
 METAWORLD_BENCHMARKS = ("MT1", "MT10", "MT50", "ML1", "ML10", "ML45")
@@ -55,7 +56,9 @@ class _MetaBatchStream(IterableDataset):
         # Evaluation uses the same tasks every time so its curve compares like with like.
         epoch = trainer.current_epoch if (trainer is not None and self.split == "train") else 0
         for index in range(self.batches):
-            yield self.datamodule.meta_batch(self.split, epoch * self.batches + index)
+            batch = self.datamodule.meta_batch(self.split, epoch * self.batches + index)
+            self.datamodule.set_learner_threads()  # sampled now: the load may have changed since the last batch
+            yield batch
 
 
 DEFAULT_MAX_ENVS = 100  # Meta-World envs per env set when envs_per_task is left to the default
@@ -100,6 +103,11 @@ class MetaTaskDataModule(L.LightningDataModule):
         eval_meta_batches: meta-batches of ``num_eval_tasks`` test tasks per evaluation.
         num_env_workers: environment worker processes per rank; 0 steps in-process; ``null``: the
             CPU cores available to this rank. Meta-World only (nav2d is one numpy array).
+        learner_threads: torch intra-op threads of the learner (adaptation and update); the
+            acting step runs on 1 while env workers step. ``null``: chosen at every meta-iteration
+            from the cores this rank may use (affinity mask, cgroup quota) less the ones other jobs
+            keep busy at that moment (``metarl_lightning.threads``); ``OMP_NUM_THREADS``, when set,
+            is followed instead.
         fast_envs: use the bit-identical fast Meta-World classes when the installed versions are
             verified.
         task_one_hot: append a one-hot task id to observations (MT benchmarks).
@@ -151,6 +159,7 @@ class MetaTaskDataModule(L.LightningDataModule):
         eval_rollouts_per_task: int | None = None,
         eval_meta_batches: int = 1,
         num_env_workers: int | None = None,
+        learner_threads: int | None = None,
         fast_envs: bool = True,
         task_one_hot: bool = False,
         reset_state_on: str = "episode",
@@ -195,6 +204,7 @@ class MetaTaskDataModule(L.LightningDataModule):
             f"must be a positive multiple of envs_per_task={envs_per_task}, got {eval_rollouts_per_task}",
         )
         require(eval_meta_batches >= 1, "data.eval_meta_batches", f"must be >= 1, got {eval_meta_batches}")
+        require(learner_threads is None or learner_threads >= 1, "data.learner_threads", f"must be >= 1 or null, got {learner_threads}")
         require(num_env_workers is None or num_env_workers >= 0, "data.num_env_workers", f"must be >= 0 or null, got {num_env_workers}")
         require(reset_state_on in ("episode", "trial"), "data.reset_state_on", f"unknown {reset_state_on!r}; valid: episode, trial")
         if episodes_per_trial is not None:
@@ -233,6 +243,7 @@ class MetaTaskDataModule(L.LightningDataModule):
         self.eval_rollouts_per_task = eval_rollouts_per_task
         self.eval_meta_batches = eval_meta_batches
         self.num_env_workers = num_env_workers
+        self.learner_threads = learner_threads
         self.fast_envs = fast_envs
         self.task_one_hot = task_one_hot
         self.reset_state_on = reset_state_on
@@ -308,12 +319,23 @@ class MetaTaskDataModule(L.LightningDataModule):
             self._build("test", self.num_eval_tasks)
         # fit: the test envs are built by the first evaluation (eval_collector), not before the first step.
 
+    def _local_ranks(self) -> int:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", self._world_size)))
+
     def _workers(self) -> int:
         if self.num_env_workers is not None:
             return self.num_env_workers
-        local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", self._world_size)))
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, cores // local_ranks)
+        return max(1, usable_cores() // self._local_ranks())
+
+    def set_learner_threads(self) -> None:
+        """Set this process's torch threads for the coming learner phase (``learner_threads``)."""
+        threads = self.learner_threads
+        if threads is None and "OMP_NUM_THREADS" in os.environ:
+            return  # the user's choice, which torch already follows
+        if threads is None:
+            threads = learner_threads(usable_cores(), self._local_ranks(), runnable_elsewhere())
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
 
     def _build(self, split: str, global_agents: int) -> None:
         if split in self._envs:

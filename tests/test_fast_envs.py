@@ -178,3 +178,22 @@ def test_fast_env_pickles_and_loads_in_a_fresh_process() -> None:
     code = "import pickle, sys, numpy as np; env = pickle.loads(sys.stdin.buffer.read()); env.step(np.zeros(4, np.float32)); print(type(env).__name__)"
     out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, check=True)
     assert out.stdout.decode().strip() == "FastSawyerPickPlaceEnvV3"
+
+
+def test_envs_of_one_class_share_one_compile_but_own_their_models() -> None:
+    from metarl_lightning.envs.fast.base import _COMPILED_MODELS
+
+    cls = env_class("push-v3", fast=True)
+    first = make_env(cls, "push-v3", True)
+    template = _COMPILED_MODELS[first.fullpath]
+    first.model.body_pos[1] += 0.5  # an env moving its own bodies must not move the next env's
+    second = make_env(cls, "push-v3", True)
+    assert _COMPILED_MODELS[first.fullpath] is template, "compiled once per process"
+    assert second.model is not template and first.model is not second.model
+    assert not np.array_equal(first.model.body_pos, second.model.body_pos)
+    assert np.array_equal(second.model.body_pos, template.body_pos)
+    stock = make_env(ALL_V3_ENVIRONMENTS["push-v3"], "push-v3", True)
+    assert_same(stock.reset(), second.reset(), "reset")
+    action = np.array([0.3, -0.2, 0.1, 0.5], dtype=np.float32)
+    for t in range(20):
+        assert_same(stock.step(action), second.step(action), f"step {t}")

@@ -7,8 +7,11 @@ Benchmarks are built through the default disk cache, so only the first run pays 
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -350,3 +353,28 @@ def test_scripted_expert_succeeds_and_random_does_not(
             random |= env.step(rng.uniform(-1, 1, (4, 4))).success
     assert expert.mean() >= 0.9
     assert random.mean() < 0.5
+
+
+MAIN_SCRIPT = '''
+import sys
+with open(sys.argv[1], "a") as handle:
+    handle.write(__name__ + "\\n")  # a re-run of this script in a worker writes "__mp_main__"
+from metarl_lightning.envs.benchmarks import make_benchmark
+from metarl_lightning.envs.workers import MetaWorldVectorEnv
+
+if __name__ == "__main__":
+    env = MetaWorldVectorEnv(make_benchmark("MT1", "reach-v3", seed=0), "train", num_agents=1, envs_per_agent=2,
+                             num_workers=2, max_episode_steps=5)
+    env.close()
+    print(__file__)  # restored after the workers started
+'''
+
+
+def test_workers_do_not_rerun_the_main_script(tmp_path: Path) -> None:
+    script, log = tmp_path / "main_script.py", tmp_path / "imports.txt"
+    script.write_text(MAIN_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), str(log)], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(script)
+    assert log.read_text().split() == ["__main__"]

@@ -17,11 +17,13 @@ started with the ``forkserver`` (or ``spawn``) method, safe with torch threads i
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import pickle
+import sys
 import traceback
 from multiprocessing.connection import Connection
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from metaworld.types import Task
@@ -141,6 +143,28 @@ class _EnvGroup:
         for env in self.envs:
             env.close()
         self.envs = []
+
+
+@contextlib.contextmanager
+def _main_script_hidden() -> Iterator[None]:
+    """Start processes without multiprocessing re-running the user's main script in them.
+
+    With ``forkserver``/``spawn``, multiprocessing imports the parent's ``__main__`` file (or
+    module, for ``python -m``) in the fork server or child, so that targets defined there can be
+    found. The workers' target and arguments live in this package, so that import only costs: for
+    ``cli.py`` it is torch, Lightning and MLflow, ~8-10 s of a fit's start-up (docs/benchmarks.md).
+    """
+    main = sys.modules.get("__main__")
+    saved = {key: main.__dict__[key] for key in ("__file__", "__spec__") if main is not None and key in main.__dict__}
+    if "__spec__" in saved:
+        main.__spec__ = None  # `python -m`: multiprocessing would import the module by name
+    if "__file__" in saved:
+        del main.__file__
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(main, key, value)
 
 
 def _worker_main(
@@ -316,22 +340,27 @@ class MetaWorldVectorEnv:
                 for k, (shape, dt) in _FIELDS.items()
             }
             self._buf = _views(raw, n)
-            for w in range(num_workers):
-                lo, hi = self._bounds[w], self._bounds[w + 1]
-                parent, child = ctx.Pipe()
-                proc = ctx.Process(
-                    target=_worker_main,
-                    args=(child, raw, n, lo, hi, group_kwargs(lo, hi)),
-                    name=f"metaworld-worker-{w}",
-                    daemon=True,  # never outlive the trainer, even if close() is skipped
-                )
-                proc.start()
-                child.close()
-                self._conns.append(parent)
-                self._procs.append(proc)
+            with _main_script_hidden():
+                self._start_workers(ctx, raw, n, num_workers, group_kwargs)
             self._closed = False
             self._gather()  # wait until every worker has built its simulators (or failed)
         self._closed = False
+
+    def _start_workers(self, ctx: Any, raw: dict[str, Any], n: int, num_workers: int, group_kwargs: Any) -> None:
+        """Start one process per block of envs, each with its end of a pipe."""
+        for w in range(num_workers):
+            lo, hi = self._bounds[w], self._bounds[w + 1]
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=_worker_main,
+                args=(child, raw, n, lo, hi, group_kwargs(lo, hi)),
+                name=f"metaworld-worker-{w}",
+                daemon=True,  # never outlive the trainer, even if close() is skipped
+            )
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
 
     @property
     def num_envs(self) -> int:
