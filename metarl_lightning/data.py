@@ -106,8 +106,9 @@ class MetaTaskDataModule(L.LightningDataModule):
         learner_threads: torch intra-op threads of the learner (adaptation and update); the
             acting step runs on 1 while env workers step. ``null``: chosen at every meta-iteration
             from the cores this rank may use (affinity mask, cgroup quota) less the ones other jobs
-            keep busy at that moment (``metarl_lightning.threads``); ``OMP_NUM_THREADS``, when set,
-            is followed instead.
+            keep busy at that moment (``metarl_lightning.threads``), at most torch's setting before
+            the first batch; ``OMP_NUM_THREADS``, when set, is followed instead. The count sets the
+            float rounding of gradient sums: runs repeat bit for bit at equal counts.
         fast_envs: use the bit-identical fast Meta-World classes when the installed versions are
             verified.
         task_one_hot: append a one-hot task id to observations (MT benchmarks).
@@ -244,6 +245,7 @@ class MetaTaskDataModule(L.LightningDataModule):
         self.eval_meta_batches = eval_meta_batches
         self.num_env_workers = num_env_workers
         self.learner_threads = learner_threads
+        self._thread_ceiling: int | None = None
         self.fast_envs = fast_envs
         self.task_one_hot = task_one_hot
         self.reset_state_on = reset_state_on
@@ -333,7 +335,10 @@ class MetaTaskDataModule(L.LightningDataModule):
         if threads is None and "OMP_NUM_THREADS" in os.environ:
             return  # the user's choice, which torch already follows
         if threads is None:
-            threads = learner_threads(usable_cores(), self._local_ranks(), runnable_elsewhere())
+            if self._thread_ceiling is None:  # torch's setting before the first batch: never more
+                self._thread_ceiling = torch.get_num_threads()
+            chosen = learner_threads(usable_cores(), self._local_ranks(), runnable_elsewhere())
+            threads = min(chosen, self._thread_ceiling)
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
 

@@ -365,6 +365,8 @@ class MetaRLModule(L.LightningModule):
         self.log("train/env_steps", self.env_steps.to(torch.float32), on_step=False, on_epoch=True, reduce_fx="max", rank_zero_only=True)
         self.log("train/env_steps_per_s", steps_this_iteration / elapsed, on_step=False, on_epoch=True, rank_zero_only=True)
         self.log("train/collect_fraction", collect_seconds / elapsed, on_step=False, on_epoch=True, rank_zero_only=True)
+        # The learner's torch threads this iteration (data.learner_threads; they set the float rounding).
+        self.log("train/learner_threads", float(torch.get_num_threads()), on_step=False, on_epoch=True, rank_zero_only=True)
         # Shown in the progress bar (the callbacks' bar reads these); not logged: train/* has them.
         self.log("post_success", query.episode_success.mean(), prog_bar=True, logger=False, on_step=True, on_epoch=False, sync_dist=world > 1)
         self.log("post_return", query.episode_return.mean(), prog_bar=True, logger=False, on_step=True, on_epoch=False, sync_dist=world > 1)

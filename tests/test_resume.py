@@ -18,6 +18,9 @@ from mlflow import MlflowClient
 from tests.run_outputs import cli_args, run_cli, start_cli, validate_results, wait_for_file
 
 EPOCHS = "4"
+# The learner's thread count sets the float rounding of gradient sums; the default picks it from the
+# machine's load at every iteration, so an exact comparison fixes it.
+THREADS = ("--data.learner_threads", "1")
 # Wall-clock measurements differ between any two runs; everything else must match.
 TIMING_METRICS = {"train/env_steps_per_s", "train/collect_fraction", "steps_per_s"}
 
@@ -44,10 +47,10 @@ def test_kill9_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     reference.mkdir()
     interrupted.mkdir()
-    run_cli(cli_args("fit", reference, uri, "--trainer.max_epochs", EPOCHS), cwd=tmp_path)
+    run_cli(cli_args("fit", reference, uri, "--trainer.max_epochs", EPOCHS, *THREADS), cwd=tmp_path)
 
     last = interrupted / "run" / "checkpoints" / "last.ckpt"
-    process = start_cli(cli_args("fit", interrupted, uri, "--trainer.max_epochs", EPOCHS), cwd=tmp_path, log=tmp_path / "killed.log")
+    process = start_cli(cli_args("fit", interrupted, uri, "--trainer.max_epochs", EPOCHS, *THREADS), cwd=tmp_path, log=tmp_path / "killed.log")
     try:
         wait_for_file(last, process)
     finally:
@@ -60,7 +63,7 @@ def test_kill9_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     client = MlflowClient(uri)
     assert client.get_run(killed_run).info.status == "RUNNING"  # kill -9 runs no code; the resume takes it over
 
-    run_cli(cli_args("fit", interrupted, uri, "--trainer.max_epochs", EPOCHS, "--ckpt_path", "last"), cwd=tmp_path)
+    run_cli(cli_args("fit", interrupted, uri, "--trainer.max_epochs", EPOCHS, "--ckpt_path", "last", *THREADS), cwd=tmp_path)
 
     ref_ckpt, res_ckpt = _checkpoint_state(reference / "run/checkpoints/last.ckpt"), _checkpoint_state(last)
     assert res_ckpt["mlflow"]["run_id"] == killed_run, "the resume must continue the same MLflow run"

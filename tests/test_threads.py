@@ -81,6 +81,24 @@ def test_data_module_sets_the_configured_learner_threads(restore_threads, monkey
     assert torch.get_num_threads() == 1
 
 
+def test_data_module_never_goes_above_the_callers_thread_setting(restore_threads, monkeypatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("metarl_lightning.data.runnable_elsewhere", lambda: 0)  # a quiet machine
+    monkeypatch.setattr("metarl_lightning.data.usable_cores", lambda: 4)
+    data = MetaTaskDataModule("nav2d", meta_batch_size=2, rollouts_per_task=2, max_episode_steps=5)
+    torch.set_num_threads(1)  # e.g. a test or notebook that fixed it before fitting
+    data.set_learner_threads()
+    assert torch.get_num_threads() == 1
+    busy = MetaTaskDataModule("nav2d", meta_batch_size=2, rollouts_per_task=2, max_episode_steps=5)
+    torch.set_num_threads(4)
+    monkeypatch.setattr("metarl_lightning.data.runnable_elsewhere", lambda: 3)  # three busy threads elsewhere
+    busy.set_learner_threads()
+    assert torch.get_num_threads() == 1
+    monkeypatch.setattr("metarl_lightning.data.runnable_elsewhere", lambda: 0)  # the load went away
+    busy.set_learner_threads()
+    assert torch.get_num_threads() == 4
+
+
 def test_data_module_follows_omp_num_threads(restore_threads, monkeypatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     data = MetaTaskDataModule("nav2d", meta_batch_size=2, rollouts_per_task=2, max_episode_steps=5)

@@ -18,8 +18,9 @@ from typing import Any
 
 from metarl_lightning.errors import ConfigError
 
-# Values that may differ on resume without changing the training trajectory.
-RESUME_MAY_CHANGE = frozenset({"data.num_env_workers", "data.benchmark_cache_dir"})
+# Machine settings that may differ on resume: they leave the training trajectory as it is (the
+# learner's thread count only changes the float rounding of gradient sums).
+RESUME_MAY_CHANGE = frozenset({"data.num_env_workers", "data.learner_threads", "data.benchmark_cache_dir"})
 # Policy arguments filled from the data module (links), not chosen by the user.
 LINKED_POLICY_ARGS = frozenset({"observation_dim", "action_dim"})
 POLICY_CONFIG_KEY = "policy_config"
