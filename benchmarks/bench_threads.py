@@ -26,13 +26,15 @@ import sys
 import time
 from pathlib import Path
 
+from metarl_lightning.threads import stat_fields, usable_cores
+
 HERE = Path(__file__).resolve().parent
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (``/proc/PID/stat`` fields 14 and 15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """User + system CPU seconds of process ``pid`` so far (``/proc/PID/stat`` utime + stime)."""
+    fields = stat_fields(Path(f"/proc/{pid}/stat"))
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
@@ -90,9 +92,6 @@ def main() -> None:
         return
     if args.quick:
         args.repeats, args.steps, args.iterations = 1, 100, 3
-    sys.path.insert(0, str(HERE.parent))
-    from metarl_lightning.threads import usable_cores
-
     cores = usable_cores()
     choices = sorted({1, cores}) + [0]  # 0: the library's choice at every iteration (learner_threads null)
     rates: dict[tuple[int, bool], list[float]] = {}

@@ -44,6 +44,15 @@ def usable_cores(root: Path = CGROUP_ROOT) -> int:
     return max(1, cores)
 
 
+def stat_fields(path: Path) -> list[str]:
+    """The fields of a ``/proc/PID/stat`` (or ``/proc/PID/task/TID/stat``) after the command name.
+
+    The name is in parentheses and may itself hold spaces and ``)``, so the split is after the last
+    ``)``: index 0 is the state (field 3 of proc(5)), 1 the parent pid, 11 and 12 utime and stime.
+    """
+    return path.read_text().rsplit(")", 1)[1].split()
+
+
 def runnable_elsewhere(proc: Path = Path("/proc")) -> int:
     """Threads running or runnable on this machine now that are not this process's own.
 
@@ -56,7 +65,7 @@ def runnable_elsewhere(proc: Path = Path("/proc")) -> int:
         own = 0
         for task in (proc / "self" / "task").iterdir():
             try:
-                own += (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
+                own += stat_fields(task / "stat")[0] == "R"
             except OSError:  # the thread ended while we read
                 continue
     except (OSError, StopIteration, ValueError):
@@ -74,9 +83,10 @@ def learner_threads(cores: int, local_ranks: int = 1, busy_elsewhere: int = 0) -
 
     The rank's share of the cores, less the ones other jobs keep busy, and at least 1. The env
     workers wait while the learner updates, so they take none; the acting step runs on one thread
-    beside them (the collector's ``acting_threads``). On the 2-core box, 2 threads were 15% faster
-    than 1 when quiet but kept only 0.73 of their share under a 2-process load, where 1 thread
-    kept all of it (docs/benchmarks.md): the choice is made again at every meta-iteration.
+    beside them (the collector's ``acting_threads``). On the 2-core box (two runs), 2 threads were
+    +15% and -4% against 1 when quiet, but kept only 0.63-0.73 of their share under a 2-process
+    load, where 1 thread kept all of it (docs/benchmarks.md): the choice is made again at every
+    meta-iteration.
     """
     share = max(1, cores // max(1, local_ranks))
     return max(1, min(share, cores - busy_elsewhere))
