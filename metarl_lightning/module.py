@@ -212,6 +212,14 @@ class MetaRLModule(L.LightningModule):
     def _meta_parameters(self) -> dict[str, torch.Tensor]:
         return dict(self.policy.named_parameters())
 
+    @property
+    def uses_critic(self) -> bool:
+        """Whether anything reads the critic: the advantages (``baseline: critic``) or a value loss
+        (``value_coef > 0``). Otherwise it is never run: not while acting, not after a rollout,
+        not in the losses (a linear baseline with ``value_coef: 0``, as the Meta-World+ reference
+        MAML-TRPO, which has no critic at all)."""
+        return self.hparams.get("baseline", "critic") == "critic" or self.ppo.value_coef > 0
+
     def _adapted_names(self) -> set[str]:
         groups = self.policy.parameter_groups()
         names = {n for group in groups.values() for n in group}
@@ -231,7 +239,7 @@ class MetaRLModule(L.LightningModule):
             # The policy-gradient surrogate only: the value loss is on the scale of squared returns
             # and, through a trunk shared with the actor, one inner step on it wrecks the actor
             # (it made SSM adaptation collapse on nav2d). The critic is meta-learned in the outer loss.
-            loss = agents_ppo_loss(self.policy, {**fixed, **p}, support, self.ppo)
+            loss = agents_ppo_loss(self.policy, {**fixed, **p}, support, self.ppo, with_value=False)
             # Sum of per-agent losses: slice k of the gradient is agent k's own gradient.
             return num_agents * (loss.policy - self.ppo.entropy_coef * loss.entropy)
 
@@ -255,7 +263,9 @@ class MetaRLModule(L.LightningModule):
         detached = None if params is None else {k: v.detach() for k, v in params.items()}
         start_state = None if after is None else self._final_state(after)
         start_context = None if after is None else after.final_context
-        rollout = collector.collect(self.policy, detached, num_steps, noise, start_state=start_state, start_context=start_context)
+        rollout = collector.collect(
+            self.policy, detached, num_steps, noise, start_state=start_state, start_context=start_context, with_values=self.uses_critic
+        )
         self.compute_advantages(rollout)
         return rollout
 
@@ -315,10 +325,14 @@ class MetaRLModule(L.LightningModule):
         if self.hparams.get("outer_optimizer", "ppo") == "trpo":
             # One step of the actor, then the critic's value steps (one minibatch: trpo takes none).
             trpo = self._trpo_update(support, query)
-            for _ in range(self.hparams.ppo_epochs):
+            for _ in range(self.hparams.ppo_epochs if self.uses_critic else 0):
                 losses.append(self._value_step(query, optimizer))
                 grad_norms.append(self._clip_gradients())
                 optimizer.step()
+            if not losses:  # no critic to train: the metrics' entropy of the query under theta
+                with torch.no_grad():
+                    theta = stack_for_agents(self._meta_parameters(), query.rewards.shape[0])
+                    losses.append(agents_ppo_loss(self.policy, theta, query, self.ppo, with_value=False))
         else:
             stopped = False
             for _ in range(self.hparams.ppo_epochs):
@@ -353,8 +367,9 @@ class MetaRLModule(L.LightningModule):
             "train/approx_kl": last.approx_kl,
             "train/ppo_epochs_run": torch.tensor(len(losses) / len(minibatches)),
             "train/clip_fraction": last.clip_fraction,
-            "train/grad_norm": torch.stack(grad_norms).mean(),
         }
+        if grad_norms:  # none after a TRPO step without a critic to train
+            metrics["train/grad_norm"] = torch.stack(grad_norms).mean()
         if trpo:  # the surrogate and KL of the TRPO step replace the PPO terms
             metrics.update(trpo)
             metrics["train/approx_kl"] = trpo["train/trpo_kl"]
@@ -453,7 +468,7 @@ class MetaRLModule(L.LightningModule):
             size = chunk_query.rewards.shape[0]
             theta = stack_for_agents(self._meta_parameters(), size)
             adapted = self._adapt(theta, chunk_support, first_order=self.hparams.first_order)
-            loss = agents_ppo_loss(self.policy, adapted, chunk_query, self.ppo)
+            loss = agents_ppo_loss(self.policy, adapted, chunk_query, self.ppo, with_value=self.uses_critic)
             weight = size / num_agents
             if backward:
                 with self._no_backward_sync():

@@ -34,7 +34,11 @@ class PPOSettings:
 
 
 def agents_ppo_loss(
-    policy: ActorCritic, stacked_params: dict[str, torch.Tensor], rollout: Rollout, settings: PPOSettings
+    policy: ActorCritic,
+    stacked_params: dict[str, torch.Tensor],
+    rollout: Rollout,
+    settings: PPOSettings,
+    with_value: bool = True,
 ) -> PPOLoss:
     """PPO loss of ``K`` agents on their own rollouts, averaged over agents.
 
@@ -47,27 +51,34 @@ def agents_ppo_loss(
         stacked_params: name -> ``[K, *shape]``.
         rollout: ``[K, E, T, ...]`` experience with advantages computed.
         settings: PPO coefficients.
+        with_value: run the critic and include the value loss; ``False`` runs the actor alone
+            (:meth:`ActorCritic.forward_actor`) and the value term is exactly zero, for callers
+            that never use it (the inner step's policy loss, an outer loss without a critic).
     """
-    out = batched_policy_forward(policy, stacked_params, rollout.observations, rollout.initial_state, rollout.resets)
-    return ppo_loss_of_output(out, rollout, settings)
+    out = batched_policy_forward(
+        policy, stacked_params, rollout.observations, rollout.initial_state, rollout.resets, actor_only=not with_value
+    )
+    return ppo_loss_of_output(out, rollout, settings, with_value)
 
 
-def ppo_loss_of_output(out: PolicyOutput, rollout: Rollout, settings: PPOSettings) -> PPOLoss:
+def ppo_loss_of_output(out: PolicyOutput, rollout: Rollout, settings: PPOSettings, with_value: bool = True) -> PPOLoss:
     """:func:`agents_ppo_loss` from the policy's output on ``rollout`` (``[K, E, T, ...]`` fields),
-    for callers that need that forward for something else too (the TRPO line search's KL)."""
+    for callers that need that forward for something else too (the TRPO line search's KL).
+    ``with_value=False``: ``out.value`` is not read and the value term is zero."""
     log_probs = gaussian_log_prob(out.mean, out.log_std, rollout.actions)  # (K, E, T)
     entropy = gaussian_entropy(out.log_std, out.mean)  # (K, E, T)
     return ppo_loss(
         log_probs=log_probs,
         old_log_probs=rollout.log_probs,
         advantages=rollout.normalized_advantages(),
-        values=out.value,
+        # Without a critic the value "prediction" is the target itself: a zero term, no gradient.
+        values=out.value if with_value else rollout.returns,
         returns=rollout.returns,
         entropy=entropy,
         clip_epsilon=settings.clip_epsilon,
-        value_coef=settings.value_coef,
+        value_coef=settings.value_coef if with_value else 0.0,
         entropy_coef=settings.entropy_coef,
-        old_values=rollout.values,
-        value_clip_epsilon=settings.value_clip_epsilon,
+        old_values=rollout.values if with_value else None,
+        value_clip_epsilon=settings.value_clip_epsilon if with_value else None,
         normalize=False,
     )

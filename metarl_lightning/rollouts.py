@@ -311,6 +311,7 @@ class RolloutCollector:
         deterministic: bool = False,
         start_state: torch.Tensor | None = None,
         start_context: torch.Tensor | None = None,
+        with_values: bool = True,
     ) -> Rollout:
         """Reset every env and act for ``num_steps`` steps.
 
@@ -332,6 +333,9 @@ class RolloutCollector:
                 (``PolicyOutput.state``); ``None``: zeros and a new trial.
             start_context: ``[K, E, C]`` context inputs of step 0 when ``start_state`` is given (and
                 the collector appends context inputs).
+            with_values: compute the critic's values (and bootstrap values); ``False`` leaves them
+                zero and never runs the critic, for a caller whose advantages use a linear
+                baseline and who trains no critic.
 
         Returns:
             The :class:`Rollout` (advantages not yet computed).
@@ -343,7 +347,7 @@ class RolloutCollector:
         lanes = []
         for index, (start, stop) in enumerate(stepper.lanes):
             params = None if stacked_params is None else {n: p[start:stop] for n, p in stacked_params.items()}
-            acting = policy.acting_step(params, stop - start, E, with_values=not self.values_after_rollout)
+            acting = policy.acting_step(params, stop - start, E, with_values=with_values and not self.values_after_rollout)
             lane = _Lane(index, start, stop, E, num_steps, acting)
             if start_state is not None:
                 lane.state = acting.initial_state(start_state[start:stop])
@@ -361,7 +365,9 @@ class RolloutCollector:
         # Value of the final observation of episodes cut by the time limit (zero elsewhere), or
         # with values after the rollout, those final observations.
         truncation_values = torch.zeros(shape, dtype=dtype, device=device)
-        final_observations = torch.zeros_like(observations) if self.values_after_rollout else None
+        final_observations = torch.zeros_like(observations) if self.values_after_rollout and with_values else None
+        if not with_values:
+            values.zero_()
 
         def to_tensor(array: np.ndarray, lane: _Lane) -> torch.Tensor:
             return torch.as_tensor(array, device=device).reshape(*lane.shape, *array.shape[1:])
@@ -389,7 +395,7 @@ class RolloutCollector:
             # Only truncations that end the return bootstrap (value_boundaries): inside a trial the
             # next episode's first value follows instead.
             bootstrapped = result.truncated if (self.reset_state_on == "episode" or t + 1 == num_steps) else result.truncated & starts
-            if bootstrapped.any():
+            if with_values and bootstrapped.any():
                 # The last observation before the automatic reset, for the bootstrap value; its
                 # context is this step's (not an episode start: done 0).
                 final_context = None
@@ -467,9 +473,11 @@ class RolloutCollector:
             values, truncation_values, last_value = rollout_values(
                 policy, stacked_params, observations, resets, truncated, final_observations, last_obs, last_reset, initial_state
             )
-        else:
+        elif with_values:
             # Bootstrap the step after the last one where the episode is still running.
             last_value = torch.cat([act(lane, lane.obs, lane.state, lane.reset, num_steps - 1)[3] for lane in lanes])
+        else:
+            last_value = values.new_zeros(K, E)
         # Inside an episode (and inside a trial) the next value is the next step's value; at a
         # time-limit cut that ends the return, the final observation's value; after a termination
         # zero (truncation_values is zero there).

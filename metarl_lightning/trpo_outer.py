@@ -62,10 +62,11 @@ def maml_trpo_update(
         return adapt(stack_for_agents(meta_parameters, num_agents), support, order_one)
 
     def forward(params: dict[str, torch.Tensor]) -> PolicyOutput:
-        return batched_policy_forward(policy, params, query.observations, query.initial_state, query.resets)
+        # The actor alone: the surrogate and the KL never read the value (the critic has its own steps).
+        return batched_policy_forward(policy, params, query.observations, query.initial_state, query.resets, actor_only=True)
 
     def loss_of(out: PolicyOutput) -> torch.Tensor:
-        loss = ppo_loss_of_output(out, query, surrogate)
+        loss = ppo_loss_of_output(out, query, surrogate, with_value=False)
         return loss.policy - entropy_coef * loss.entropy
 
     with torch.enable_grad():

@@ -125,3 +125,49 @@ def test_outer_env_minibatches_split_the_trajectories_of_every_agent():
         MetaRLModule(MLPActorCritic(2, 2), outer_env_minibatches=0)
     with pytest.raises(ConfigError, match="model.outer_env_minibatches"):
         _one_iteration(data, outer_env_minibatches=3)
+
+
+def _two_iterations_without_critic(policy_factory, force_critic: bool, monkeypatch, **module_kwargs):
+    """Parameters after two meta-iterations with a linear baseline and no value loss; with
+    ``force_critic`` the critic still runs everywhere (acting, values after the rollout, the
+    losses), as before the critic was skipped."""
+    if force_critic:
+        monkeypatch.setattr(MetaRLModule, "uses_critic", property(lambda self: True))
+    torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)
+    module = MetaRLModule(policy_factory(), ppo_epochs=2, baseline="linear", gae_lambda=1.0, value_coef=0.0, **module_kwargs)
+    assert module.uses_critic is force_critic
+    data = MetaTaskDataModule("nav2d", seed=0, meta_batch_size=2, rollouts_per_task=2, max_episode_steps=10)
+    quiet_trainer(2, []).fit(module, data)
+    monkeypatch.undo()
+    return {k: v.detach().clone() for k, v in module.policy.state_dict().items()}
+
+
+@pytest.mark.parametrize("outer", ["ppo", "trpo"])
+@pytest.mark.parametrize("policy", ["ssm", "mlp"])
+def test_a_linear_baseline_without_value_loss_never_runs_the_critic(policy, outer, monkeypatch):
+    """Skipping the unused critic changes nothing the actor learns: second-order MAML through the
+    S5 scan (and the MLP), PPO and TRPO outer steps, two meta-iterations, the same actor
+    parameters as with the critic run everywhere (and the critic's own never move)."""
+    from metarl_lightning.policies import SSMActorCritic
+
+    def factory():
+        if policy == "ssm":
+            return SSMActorCritic(2, 2, hidden_dim=8, state_dim=4, num_layers=1)
+        return MLPActorCritic(2, 2, hidden_dim=8)
+
+    skipped = _two_iterations_without_critic(factory, False, monkeypatch, outer_optimizer=outer)
+    full = _two_iterations_without_critic(factory, True, monkeypatch, outer_optimizer=outer)
+    L.seed_everything(0, verbose=False)
+    start = factory().state_dict()
+    moved = 0.0
+    for name in full:
+        torch.testing.assert_close(skipped[name], full[name], rtol=1e-5, atol=1e-6, msg=name)
+        if "critic" in name or "value_head" in name:
+            assert torch.equal(skipped[name], start[name]), name
+        else:
+            moved += (skipped[name] - start[name]).abs().sum().item()
+    assert moved > 0
+    # A critic baseline, or a value loss, keeps the critic.
+    assert MetaRLModule(factory(), baseline="critic", value_coef=0.0).uses_critic
+    assert MetaRLModule(factory(), baseline="linear", value_coef=0.5).uses_critic

@@ -144,3 +144,36 @@ def test_ssm_parameter_groups_partition() -> None:
     suffixes = {n.rsplit(".", 1)[-1] for n in groups["ssm"]}
     assert suffixes == {"Lambda", "log_step", "B"}
     assert len(groups["ssm"]) == 3 * policy.num_layers * 2  # separate actor and critic trunks
+
+
+@pytest.mark.parametrize("kind", [*sorted(POLICIES), "mlp"])
+def test_forward_actor_is_forward_without_the_critic(kind: str) -> None:
+    """``forward_actor`` (the inner step's and a critic-less outer loss's path) gives ``forward``'s
+    action distribution and actor state, zeros for the value, through ``batched_policy_forward``
+    too; with a separate critic trunk the critic's state is passed through untouched."""
+    from metarl_lightning.policies import MLPActorCritic
+    from metarl_lightning.policies.functional import batched_policy_forward
+
+    if kind == "mlp":
+        torch.manual_seed(0)
+        policy: ActorCritic = MLPActorCritic(OBS, ACT, hidden_dim=8).double()
+    else:
+        policy = make(kind)
+    obs = torch.randn(2, 7, OBS, dtype=torch.float64)
+    resets = episode_resets(2, 7)
+    state0 = torch.randn_like(policy.initial_state(2).double())
+    full, actor = policy(obs, state0, resets), policy.forward_actor(obs, state0, resets)
+    torch.testing.assert_close(actor.mean, full.mean, **TOL)
+    torch.testing.assert_close(actor.log_std.expand_as(full.mean), full.log_std.expand_as(full.mean), **TOL)
+    assert actor.value.shape == full.value.shape and not actor.value.any() and full.value.abs().sum() > 0
+    separate = isinstance(policy, SSMActorCritic) and policy.critic_trunk is not None
+    if separate:
+        layers = policy.num_layers
+        torch.testing.assert_close(actor.state[:, :layers], full.state[:, :layers], **TOL)
+        assert torch.equal(actor.state[:, layers:], state0[:, layers:])
+    else:
+        torch.testing.assert_close(actor.state, full.state, **TOL)
+    stacked = {n: p.detach().unsqueeze(0).expand(3, *p.shape) for n, p in policy.named_parameters()}
+    batched = batched_policy_forward(policy, stacked, obs.expand(3, *obs.shape), state0.expand(3, *state0.shape), resets.expand(3, *resets.shape), actor_only=True)
+    torch.testing.assert_close(batched.mean[1], full.mean, **TOL)
+    assert not batched.value.any()

@@ -129,6 +129,17 @@ class ActorCritic(nn.Module, abc.ABC):
         """
         return self(observations, state, resets).value
 
+    def forward_actor(self, observations: torch.Tensor, state: torch.Tensor, resets: torch.Tensor) -> PolicyOutput:
+        """:meth:`forward` for callers that never read the value: ``value`` is zeros.
+
+        The policy loss of the MAML inner step, the TRPO step and every outer loss without a
+        critic (a linear baseline and no value loss) need only the action distribution; policies
+        with a separate critic override this to skip it (for the S5 policy, a whole second scan).
+        ``mean``, ``log_std`` and the actor's part of ``state`` equal :meth:`forward`'s.
+        """
+        out = self(observations, state, resets)
+        return out._replace(value=torch.zeros_like(out.value))
+
     @abc.abstractmethod
     def initial_state(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
         """Zero recurrent state, ``[batch_size, *state_shape]``."""

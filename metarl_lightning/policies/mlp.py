@@ -121,6 +121,11 @@ class MLPActorCritic(ActorCritic):
         value = self.critic(observations).squeeze(-1)  # (B, T)
         return PolicyOutput(mean, self.log_std.expand_as(mean), value, state)
 
+    def forward_actor(self, observations: torch.Tensor, state: torch.Tensor, resets: torch.Tensor) -> PolicyOutput:
+        """The actor alone (:meth:`ActorCritic.forward_actor`): ``value`` is zeros."""
+        mean = bounded_action_mean(self.actor(observations))
+        return PolicyOutput(mean, self.log_std.expand_as(mean), mean.new_zeros(mean.shape[:-1]), state)
+
     def values(self, observations: torch.Tensor, state: torch.Tensor, resets: torch.Tensor) -> torch.Tensor:
         """The critic alone, ``[B, T]``."""
         return self.critic(observations).squeeze(-1)

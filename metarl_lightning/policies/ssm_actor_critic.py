@@ -146,6 +146,21 @@ class SSMActorCritic(ActorCritic):
         critic_x, _ = self.critic_trunk(observations, state[:, self.num_layers :], resets)
         return self.value_head(critic_x).squeeze(-1)
 
+    def forward_actor(self, observations: torch.Tensor, state: torch.Tensor, resets: torch.Tensor) -> PolicyOutput:
+        """The actor trunk alone (:meth:`ActorCritic.forward_actor`): ``value`` is zeros and, with
+        a separate critic trunk, the critic's part of ``state`` is passed through unchanged."""
+        if self.critic_trunk is None:
+            return super().forward_actor(observations, state, resets)
+        L = self.num_layers
+        actor_x, actor_h = self.actor_trunk(observations, state[:, :L], resets)
+        mean = bounded_action_mean(self.action_head(actor_x))
+        return PolicyOutput(
+            mean=mean,
+            log_std=self.log_std.expand_as(mean),
+            value=mean.new_zeros(mean.shape[:-1]),
+            state=torch.cat([actor_h, state[:, L:]], dim=1),
+        )
+
     def initial_state(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
         """Zero state ``(batch_size, trunks * num_layers, N, 2)``."""
         dtype = self.action_head.weight.dtype
