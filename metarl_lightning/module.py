@@ -26,6 +26,7 @@ from torch import nn
 
 from metarl_lightning.algorithms.maml import agent_chunks, inner_update, stack_for_agents
 from metarl_lightning.algorithms.ppo import PPOLoss, weighted_mean_loss
+from metarl_lightning.algorithms.std_schedule import project_log_std, std_ceiling
 from metarl_lightning.errors import require
 from metarl_lightning.meta_batch import MetaBatch
 from metarl_lightning.objectives import PPOSettings, agents_ppo_loss
@@ -91,6 +92,12 @@ class MetaRLModule(L.LightningModule):
             parameter by about ``meta_lr`` (the log-std barely moved under PPO, docs/results.md).
             It computes over all agents at once and takes no minibatches.
         max_kl: the trust region of the TRPO step (mean KL per sample).
+        std_ceiling: anneal exploration: before every meta-iteration the policy's ``log_std`` is
+            projected below a ceiling that falls geometrically from std 1 to this value over the
+            first ``std_ceiling_epochs`` iterations and stays there
+            (:mod:`metarl_lightning.algorithms.std_schedule`; the outer update alone barely moves
+            the std, and Meta-World's protocol scores the mean action). ``null``: off.
+        std_ceiling_epochs: meta-iterations over which the ceiling falls to ``std_ceiling``.
         outer_env_minibatches: split every agent's ``E`` query envs into this many groups and take
             one optimiser step per group (times the agent minibatches) per PPO epoch: PPO's
             minibatches over trajectories, every step seeing every task (multi-task PPO needs this:
@@ -135,6 +142,8 @@ class MetaRLModule(L.LightningModule):
         outer_env_minibatches: int = 1,
         outer_optimizer: Literal["ppo", "trpo"] = "ppo",
         max_kl: float = 0.01,
+        std_ceiling: float | None = None,
+        std_ceiling_epochs: int = 10,
     ) -> None:
         super().__init__()
         require(meta_lr > 0, "model.meta_lr", f"must be > 0, got {meta_lr}")
@@ -161,6 +170,8 @@ class MetaRLModule(L.LightningModule):
         require(outer_env_minibatches >= 1, "model.outer_env_minibatches", f"must be >= 1, got {outer_env_minibatches}")
         require(outer_optimizer in ("ppo", "trpo"), "model.outer_optimizer", f"must be 'ppo' or 'trpo', got {outer_optimizer!r}")
         require(max_kl > 0, "model.max_kl", f"must be > 0, got {max_kl}")
+        require(std_ceiling is None or 0 < std_ceiling <= 1, "model.std_ceiling", f"must be in (0, 1] or null, got {std_ceiling}")
+        require(std_ceiling_epochs >= 1, "model.std_ceiling_epochs", f"must be >= 1, got {std_ceiling_epochs}")
         require(
             outer_optimizer == "ppo" or (outer_minibatch_size is None and outer_env_minibatches == 1),
             "model.outer_optimizer",
@@ -312,6 +323,7 @@ class MetaRLModule(L.LightningModule):
         """One meta-iteration (module docstring)."""
         datamodule = self.trainer.datamodule
         started = time.perf_counter()
+        ceiling = self._project_std()
         support, query = self.adapt_and_collect(
             batch, datamodule.train_collector, datamodule.rollout_steps, getattr(datamodule, "query_state", "fresh")
         )
@@ -355,7 +367,8 @@ class MetaRLModule(L.LightningModule):
         steps_this_iteration = (query.num_steps + (0 if support is query else support.num_steps)) * world
         self.env_steps += steps_this_iteration
         elapsed = time.perf_counter() - started
-        metrics = {
+        metrics = {} if ceiling is None else {"train/std_ceiling": torch.tensor(ceiling)}
+        metrics |= {
             "train/pre_adaptation_return": support.episode_return.mean(),
             "train/post_adaptation_return": query.episode_return.mean(),
             "train/pre_adaptation_success": support.episode_success.mean(),
@@ -386,6 +399,16 @@ class MetaRLModule(L.LightningModule):
         self.log("post_success", query.episode_success.mean(), prog_bar=True, logger=False, on_step=True, on_epoch=False, sync_dist=world > 1)
         self.log("post_return", query.episode_return.mean(), prog_bar=True, logger=False, on_step=True, on_epoch=False, sync_dist=world > 1)
         self.log("steps_per_s", steps_this_iteration / elapsed, prog_bar=True, logger=False, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def _project_std(self) -> float | None:
+        """Project the policy's ``log_std`` below this iteration's ceiling (``model.std_ceiling``)."""
+        final = self.hparams.get("std_ceiling")
+        log_std = getattr(self.policy, "log_std", None)
+        if final is None or log_std is None:
+            return None
+        ceiling = std_ceiling(self.current_epoch, final, self.hparams.get("std_ceiling_epochs", 10))
+        project_log_std(log_std, ceiling)
+        return ceiling
 
     def _trpo_update(self, support: Rollout, query: Rollout) -> dict[str, torch.Tensor]:
         """The MAML-TRPO step of the actor (:mod:`metarl_lightning.trpo_outer`); its metrics."""
