@@ -98,6 +98,11 @@ class MetaRLModule(L.LightningModule):
             (:mod:`metarl_lightning.algorithms.std_schedule`; the outer update alone barely moves
             the std, and Meta-World's protocol scores the mean action). ``null``: off.
         std_ceiling_epochs: meta-iterations over which the ceiling falls to ``std_ceiling``.
+        std_ceiling_on: what the ceiling bounds: ``policy`` projects theta's ``log_std`` (support,
+            query and evaluation all act with the lower std); ``adapted`` bounds only theta_k''s
+            (a differentiable clamp after the inner step): the support rollouts explore with
+            theta's std, the query rollouts and the outer loss are those of a near-deterministic
+            adapted policy, as the protocol scores it (explore, then exploit).
         outer_env_minibatches: split every agent's ``E`` query envs into this many groups and take
             one optimiser step per group (times the agent minibatches) per PPO epoch: PPO's
             minibatches over trajectories, every step seeing every task (multi-task PPO needs this:
@@ -144,6 +149,7 @@ class MetaRLModule(L.LightningModule):
         max_kl: float = 0.01,
         std_ceiling: float | None = None,
         std_ceiling_epochs: int = 10,
+        std_ceiling_on: Literal["policy", "adapted"] = "policy",
     ) -> None:
         super().__init__()
         require(meta_lr > 0, "model.meta_lr", f"must be > 0, got {meta_lr}")
@@ -171,6 +177,7 @@ class MetaRLModule(L.LightningModule):
         require(outer_optimizer in ("ppo", "trpo"), "model.outer_optimizer", f"must be 'ppo' or 'trpo', got {outer_optimizer!r}")
         require(max_kl > 0, "model.max_kl", f"must be > 0, got {max_kl}")
         require(std_ceiling is None or 0 < std_ceiling <= 1, "model.std_ceiling", f"must be in (0, 1] or null, got {std_ceiling}")
+        require(std_ceiling_on in ("policy", "adapted"), "model.std_ceiling_on", f"must be 'policy' or 'adapted', got {std_ceiling_on!r}")
         require(std_ceiling_epochs >= 1, "model.std_ceiling_epochs", f"must be >= 1, got {std_ceiling_epochs}")
         require(
             outer_optimizer == "ppo" or (outer_minibatch_size is None and outer_env_minibatches == 1),
@@ -256,6 +263,9 @@ class MetaRLModule(L.LightningModule):
 
         adaptable = {k: v for k, v in params.items() if k in adapted_names}
         adapted = inner_update(adaptable, inner_loss, self.inner_step_sizes(), self.hparams.inner_steps, first_order)
+        ceiling = self._std_ceiling("adapted")
+        if ceiling is not None and "log_std" in adapted:
+            adapted["log_std"] = adapted["log_std"].clamp(max=math.log(ceiling))
         return {**fixed, **adapted}
 
     def _collect(
@@ -400,15 +410,21 @@ class MetaRLModule(L.LightningModule):
         self.log("post_return", query.episode_return.mean(), prog_bar=True, logger=False, on_step=True, on_epoch=False, sync_dist=world > 1)
         self.log("steps_per_s", steps_this_iteration / elapsed, prog_bar=True, logger=False, on_step=True, on_epoch=False, rank_zero_only=True)
 
-    def _project_std(self) -> float | None:
-        """Project the policy's ``log_std`` below this iteration's ceiling (``model.std_ceiling``)."""
+    def _std_ceiling(self, on: str) -> float | None:
+        """This iteration's std ceiling when ``model.std_ceiling`` bounds ``on`` (else ``None``)."""
         final = self.hparams.get("std_ceiling")
-        log_std = getattr(self.policy, "log_std", None)
-        if final is None or log_std is None:
+        if final is None or self.hparams.get("std_ceiling_on", "policy") != on:
             return None
-        ceiling = std_ceiling(self.current_epoch, final, self.hparams.get("std_ceiling_epochs", 10))
-        project_log_std(log_std, ceiling)
-        return ceiling
+        return std_ceiling(self.current_epoch, final, self.hparams.get("std_ceiling_epochs", 10))
+
+    def _project_std(self) -> float | None:
+        """Project the policy's ``log_std`` below this iteration's ceiling (``std_ceiling_on:
+        policy``); the ceiling in force either way, for the metrics."""
+        ceiling = self._std_ceiling("policy")
+        log_std = getattr(self.policy, "log_std", None)
+        if ceiling is not None and log_std is not None:
+            project_log_std(log_std, ceiling)
+        return ceiling if ceiling is not None else self._std_ceiling("adapted")
 
     def _trpo_update(self, support: Rollout, query: Rollout) -> dict[str, torch.Tensor]:
         """The MAML-TRPO step of the actor (:mod:`metarl_lightning.trpo_outer`); its metrics."""

@@ -66,3 +66,36 @@ def test_the_module_projects_the_std_before_every_iteration_and_logs_the_ceiling
             MetaRLModule(MLPActorCritic(2, 2), std_ceiling=bad)
     with pytest.raises(ConfigError, match="model.std_ceiling_epochs"):
         MetaRLModule(MLPActorCritic(2, 2), std_ceiling=0.5, std_ceiling_epochs=0)
+
+
+def test_a_ceiling_on_the_adapted_policy_bounds_theta_prime_only(monkeypatch):
+    """``std_ceiling_on: adapted``: theta's std is left alone (the support explores with it);
+    theta_k''s log-std after the inner step is clamped to this iteration's ceiling."""
+    seen: list[tuple[int, torch.Tensor]] = []
+    original = MetaRLModule._adapt
+
+    def recording(self, *args, **kwargs):
+        adapted = original(self, *args, **kwargs)
+        seen.append((self.current_epoch, adapted["log_std"].detach().clone()))
+        return adapted
+
+    monkeypatch.setattr(MetaRLModule, "_adapt", recording)
+    torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)
+    module = MetaRLModule(
+        MLPActorCritic(2, 2, hidden_dim=8, init_log_std=0.0), ppo_epochs=2, std_ceiling=0.5, std_ceiling_epochs=1, std_ceiling_on="adapted"
+    )
+    data = MetaTaskDataModule("nav2d", seed=0, meta_batch_size=2, rollouts_per_task=2, max_episode_steps=10)
+    trainer = quiet_trainer(2, [])
+    trainer.fit(module, data)
+    assert {epoch for epoch, _ in seen} == {0, 1}
+    for epoch, log_std in seen:
+        assert log_std.shape[0] == 2  # one row per agent
+        assert (log_std <= math.log(std_ceiling(epoch, 0.5, 1)) + 1e-6).all(), (epoch, log_std)
+    # Iteration 1: theta's log-std (~0) is above log 0.5, so every agent's adapted one sits at it.
+    torch.testing.assert_close(seen[-1][1], torch.full_like(seen[-1][1], math.log(0.5)))
+    # theta itself was not projected: two updates of ~meta_lr per Adam step from 0.
+    assert (module.policy.log_std.detach().abs() < 0.01).all(), module.policy.log_std
+    assert trainer.logged_metrics["train/std_ceiling"].item() == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match="model.std_ceiling_on"):
+        MetaRLModule(MLPActorCritic(2, 2), std_ceiling_on="query")

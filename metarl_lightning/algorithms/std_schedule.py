@@ -7,7 +7,9 @@ action, which such a policy has never had to make good on its own. A ceiling tha
 geometrically from 1 to ``final_std`` over the first ``epochs`` meta-iterations, applied as a
 projection of the meta-parameter before every meta-iteration's rollouts (projected gradient
 descent on the box ``log_std <= log(ceiling)``), anneals exploration the way a std schedule does
-in plain RL. The inner step still adapts the log-std from the projected value.
+in plain RL. The inner step still adapts the log-std from the projected value. The module can
+instead bound only the adapted policy's log-std (``std_ceiling_on: adapted``, a clamp after the
+inner step): explore with theta, exploit with theta_k'.
 """
 
 from __future__ import annotations
