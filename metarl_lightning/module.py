@@ -263,8 +263,8 @@ class MetaRLModule(L.LightningModule):
 
         adaptable = {k: v for k, v in params.items() if k in adapted_names}
         adapted = inner_update(adaptable, inner_loss, self.inner_step_sizes(), self.hparams.inner_steps, first_order)
-        ceiling = self._std_ceiling("adapted")
-        if ceiling is not None and "log_std" in adapted:
+        ceiling = self._std_ceiling()
+        if ceiling is not None and self.hparams.get("std_ceiling_on", "policy") == "adapted" and "log_std" in adapted:
             adapted["log_std"] = adapted["log_std"].clamp(max=math.log(ceiling))
         return {**fixed, **adapted}
 
@@ -410,21 +410,21 @@ class MetaRLModule(L.LightningModule):
         self.log("post_return", query.episode_return.mean(), prog_bar=True, logger=False, on_step=True, on_epoch=False, sync_dist=world > 1)
         self.log("steps_per_s", steps_this_iteration / elapsed, prog_bar=True, logger=False, on_step=True, on_epoch=False, rank_zero_only=True)
 
-    def _std_ceiling(self, on: str) -> float | None:
-        """This iteration's std ceiling when ``model.std_ceiling`` bounds ``on`` (else ``None``)."""
+    def _std_ceiling(self) -> float | None:
+        """This iteration's std ceiling (``model.std_ceiling``; ``None``: off)."""
         final = self.hparams.get("std_ceiling")
-        if final is None or self.hparams.get("std_ceiling_on", "policy") != on:
+        if final is None:
             return None
         return std_ceiling(self.current_epoch, final, self.hparams.get("std_ceiling_epochs", 10))
 
     def _project_std(self) -> float | None:
-        """Project the policy's ``log_std`` below this iteration's ceiling (``std_ceiling_on:
-        policy``); the ceiling in force either way, for the metrics."""
-        ceiling = self._std_ceiling("policy")
+        """Project the policy's ``log_std`` below this iteration's ceiling when it bounds theta
+        (``std_ceiling_on: policy``; ``adapted`` is clamped in :meth:`_adapt`); the ceiling."""
+        ceiling = self._std_ceiling()
         log_std = getattr(self.policy, "log_std", None)
-        if ceiling is not None and log_std is not None:
+        if ceiling is not None and log_std is not None and self.hparams.get("std_ceiling_on", "policy") == "policy":
             project_log_std(log_std, ceiling)
-        return ceiling if ceiling is not None else self._std_ceiling("adapted")
+        return ceiling
 
     def _trpo_update(self, support: Rollout, query: Rollout) -> dict[str, torch.Tensor]:
         """The MAML-TRPO step of the actor (:mod:`metarl_lightning.trpo_outer`); its metrics."""
