@@ -20,7 +20,14 @@ import time
 import warnings
 from typing import Any
 
-from jsonargparse import Namespace
+from metarl_lightning.envs.process_start import prestart_fork_server
+
+if __name__ == "__main__" and sys.argv[1:2] in (["fit"], ["validate"], ["test"]):
+    # Before torch and Lightning import (~5 s): the env workers' fork server imports metaworld and
+    # MuJoCo on the other core meanwhile (docs/benchmarks.md, "Start-up").
+    prestart_fork_server()
+
+from jsonargparse import Namespace  # noqa: E402 - after the fork server's start, on purpose
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -319,8 +326,11 @@ class MetaRLCLI(LightningCLI):
         self._held_logs.release()
 
     def before_fit(self) -> None:
-        """Pre-flight checks of ``fit``."""
+        """Pre-flight checks of ``fit``; then the training envs start building (one process only)."""
         self._preflight()
+        if self.trainer.world_size == 1 and self.datamodule is not None:
+            # While the workers build, Lightning starts the MLflow run and sets up (~1-2 s).
+            self.datamodule.prestart()
 
     def before_validate(self) -> None:
         """Pre-flight checks of ``validate``."""

@@ -5,9 +5,10 @@ episodes, in a temporary root dir and MLflow store, with ``benchmarks.common.Fir
 appended to the trainer's callbacks, and prints the seconds from the command's start to
 
 - ``parsed``: Python, torch, Lightning imported, the config parsed and checked;
-- ``setup``: the MLflow run started, the env workers started and the train envs built (the test
-  envs are built by the first evaluation, not here);
-- ``first_step``: the module set up; the first collection starts.
+- ``setup``: the MLflow run started and the env workers started (the train envs build in them
+  meanwhile; the test envs are built by the first evaluation, not here);
+- ``first_step``: the module set up, the train envs built (the CLI starts building them before
+  Lightning sets up, and this mark waits for them); the first collection starts.
 
 The first run may build the benchmark (its cache, ``~/.cache/metarl_lightning``, is then warm) and
 creates the MLflow store; the runs after it read the warm cache and log to that store. Quiet

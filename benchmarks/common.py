@@ -67,8 +67,8 @@ class FirstStepTimer(L.Callback):
 
     For ``--trainer.callbacks+=benchmarks.common.FirstStepTimer`` on a ``cli.py fit`` that the
     start-up benchmark times: ``parsed`` (imports, config parsed and checked; this callback is
-    built), ``setup`` (the MLflow run started, env workers and train envs built), ``first_step``
-    (the first collection starts).
+    built), ``setup`` (the MLflow run started, env workers started), ``first_step``
+    (the train envs are built and the first collection starts).
     """
 
     def __init__(self) -> None:
@@ -83,4 +83,9 @@ class FirstStepTimer(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if trainer.global_step == 0:
+            # Envs that build while the run starts (the CLI's prestart) are waited for here, as the
+            # collection's first reset would: the mark is when the first env step can be taken.
+            wait_built = getattr(trainer.datamodule.train_collector.env, "wait_built", None)
+            if wait_built is not None:
+                wait_built()
             self._mark("first_step")

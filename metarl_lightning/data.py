@@ -308,6 +308,27 @@ class MetaTaskDataModule(L.LightningDataModule):
         self._rank = trainer.global_rank if trainer is not None else 0
         self._world_size = trainer.world_size if trainer is not None else 1
         self.check_world_size(self._world_size, fit=True)
+        self._load_benchmark()
+        if stage == "fit":
+            self._build("train", self.meta_batch_size)
+        else:
+            self._build("test", self.num_eval_tasks)
+        # fit: the test envs are built by the first evaluation (eval_collector), not before the first step.
+
+    def prestart(self) -> None:
+        """Start building the training envs of a single-process fit, without waiting for them.
+
+        The CLI calls this after its checks, before ``trainer.fit``: the env workers then build
+        their simulators (~3-5 s for 100 Meta-World envs) while Lightning starts the MLflow run and
+        sets up, and ``setup("fit")`` finds them started; the first ``reset`` waits for the rest
+        (docs/benchmarks.md, "Start-up"). Only for one process: DDP ranks learn their rank in
+        ``trainer.fit``.
+        """
+        self._rank, self._world_size = 0, 1
+        self._load_benchmark()
+        self._build("train", self.meta_batch_size, wait=False)
+
+    def _load_benchmark(self) -> None:
         if self.benchmark != NAV2D and self._bench is None:
             from metarl_lightning.envs.benchmarks import make_benchmark
 
@@ -315,11 +336,6 @@ class MetaTaskDataModule(L.LightningDataModule):
                 self._bench = make_benchmark(self.benchmark, self.env_name, seed=self.seed, cache_dir=self.benchmark_cache_dir)
             except ValueError as error:  # the benchmark module names the field itself
                 raise ConfigError(f"data.{error}") from error
-        if stage == "fit":
-            self._build("train", self.meta_batch_size)
-        else:
-            self._build("test", self.num_eval_tasks)
-        # fit: the test envs are built by the first evaluation (eval_collector), not before the first step.
 
     def _local_ranks(self) -> int:
         return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", self._world_size)))
@@ -342,7 +358,7 @@ class MetaTaskDataModule(L.LightningDataModule):
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
 
-    def _build(self, split: str, global_agents: int) -> None:
+    def _build(self, split: str, global_agents: int, wait: bool = True) -> None:
         if split in self._envs:
             return
         agents = global_agents // self._world_size
@@ -365,6 +381,7 @@ class MetaTaskDataModule(L.LightningDataModule):
                 task_one_hot=self.task_one_hot,
                 agent_classes=classes[self._rank * agents : (self._rank + 1) * agents],
                 rotating=self._bench.rotates(split, global_agents),
+                wait=wait,
             )
         self._envs[split] = env
         # Tiny per-step matmuls slow down many-fold when torch's threads fight the env workers for

@@ -1,5 +1,6 @@
 """Data-module defaults that are pure functions of the config."""
 
+import numpy as np
 import pytest
 
 from metarl_lightning.data import DEFAULT_MAX_ENVS, NAV2D, MetaTaskDataModule, default_envs_per_task
@@ -34,3 +35,23 @@ def test_a_fit_builds_the_evaluation_envs_when_the_first_evaluation_needs_them()
     data.teardown("fit")
     data.setup("validate")
     assert "test" in data._envs and "train" not in data._envs
+
+
+def test_prestart_starts_the_train_envs_that_setup_then_uses():
+    """A prestarted data module steps the same envs, with the same observations, as a plain one."""
+    observations = []
+    for prestart in (True, False):
+        data = MetaTaskDataModule("ML1", env_name="reach-v3", meta_batch_size=2, rollouts_per_task=2, max_episode_steps=5, num_env_workers=2)
+        if prestart:
+            data.prestart()
+            env = data.train_collector.env
+            assert env._building, "prestart waited for the workers"
+        data.setup("fit")
+        if prestart:
+            assert data.train_collector.env is env, "setup built a second env set"
+        assert "test" not in data._envs
+        env = data.train_collector.env
+        env.set_tasks(data.global_tasks("train", 0))
+        observations.append(env.reset())
+        data.teardown("fit")
+    np.testing.assert_array_equal(observations[0], observations[1])

@@ -378,3 +378,56 @@ def test_workers_do_not_rerun_the_main_script(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == str(script)
     assert log.read_text().split() == ["__main__"]
+
+
+def test_envs_built_in_the_background_match_and_report_build_errors_at_first_use(mt10: Benchmark) -> None:
+    tasks = mt10.sample_tasks("train", 10, np.random.default_rng(0))
+    runs = []
+    for wait in (True, False):
+        with MetaWorldVectorEnv(mt10, "train", 10, 1, num_workers=2, max_episode_steps=15, wait=wait) as env:
+            assert env._building is not wait
+            runs.append(_rollout(env, tasks, 20))
+    for key in runs[0]:
+        np.testing.assert_array_equal(runs[0][key], runs[1][key], err_msg=key)
+    # gymnasium refuses a negative seed while the worker builds: raised where the build is awaited.
+    env = MetaWorldVectorEnv(mt10, "train", 10, 1, num_workers=2, seed=-100, wait=False)
+    env.set_tasks(tasks)
+    with pytest.raises(RuntimeError, match=r"(?s)worker 0 failed:.*seed"):
+        env.reset()
+    # Closed before its first use: the workers finish building and stop.
+    env = MetaWorldVectorEnv(mt10, "train", 10, 1, num_workers=2, wait=False)
+    procs = list(env._procs)
+    env.close()
+    assert not any(p.is_alive() for p in procs)
+
+
+PRESTART_SCRIPT = '''
+import sys, time
+from metarl_lightning.envs.process_start import prestart_fork_server
+
+if __name__ == "__main__":
+    assert prestart_fork_server() and not prestart_fork_server(), "started once, then found running"
+    assert "mujoco" not in sys.modules, "the main process imported the workers' modules itself"
+    from multiprocessing import forkserver
+    maps = f"/proc/{forkserver._forkserver._forkserver_pid}/maps"
+    deadline = time.time() + 120
+    while "mujoco" not in open(maps).read():  # the server imports the workers' modules by itself
+        assert time.time() < deadline, "the fork server never imported MuJoCo"
+        time.sleep(0.1)
+    from metarl_lightning.envs.benchmarks import make_benchmark
+    from metarl_lightning.envs.workers import MetaWorldVectorEnv
+    bench = make_benchmark("MT1", "reach-v3", seed=0)
+    with MetaWorldVectorEnv(bench, "train", num_agents=1, envs_per_agent=2, num_workers=2, max_episode_steps=5) as env:
+        env.set_tasks(bench.sample_tasks("train", 1, __import__("numpy").random.default_rng(0)))
+        print(env.reset().shape)
+'''
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the fork server's memory maps (Linux)")
+def test_prestarted_fork_server_imports_the_worker_modules_and_serves_the_workers(tmp_path: Path) -> None:
+    script = tmp_path / "prestart.py"
+    script.write_text(PRESTART_SCRIPT)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "(2, 39)"

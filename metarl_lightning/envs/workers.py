@@ -17,13 +17,11 @@ started with the ``forkserver`` (or ``spawn``) method, safe with torch threads i
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing as mp
 import pickle
-import sys
 import traceback
 from multiprocessing.connection import Connection
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from metaworld.types import Task
@@ -31,6 +29,7 @@ from metaworld.types import Task
 from metarl_lightning.envs.base import StepResult
 from metarl_lightning.envs.benchmarks import Benchmark
 from metarl_lightning.envs.fast import env_class
+from metarl_lightning.envs.process_start import main_script_hidden
 
 OBS_DIM = 39
 ACTION_DIM = 4
@@ -145,28 +144,6 @@ class _EnvGroup:
         self.envs = []
 
 
-@contextlib.contextmanager
-def _main_script_hidden() -> Iterator[None]:
-    """Start processes without multiprocessing re-running the user's main script in them.
-
-    With ``forkserver``/``spawn``, multiprocessing imports the parent's ``__main__`` file (or
-    module, for ``python -m``) in the fork server or child, so that targets defined there can be
-    found. The workers' target and arguments live in this package, so that import only costs: for
-    ``cli.py`` it is torch, Lightning and MLflow, ~8-10 s of a fit's start-up (docs/benchmarks.md).
-    """
-    main = sys.modules.get("__main__")
-    saved = {key: main.__dict__[key] for key in ("__file__", "__spec__") if main is not None and key in main.__dict__}
-    if "__spec__" in saved:
-        main.__spec__ = None  # `python -m`: multiprocessing would import the module by name
-    if "__file__" in saved:
-        del main.__file__
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            setattr(main, key, value)
-
-
 def _worker_main(
     conn: Connection, raw: dict[str, Any], n: int, lo: int, hi: int, group_kwargs: dict[str, Any]
 ) -> None:
@@ -234,6 +211,9 @@ class MetaWorldVectorEnv:
             ``split``): the envs of such an agent are rebuilt at the next ``reset``, ~0.1-0.2 s per
             simulator, split over the workers. For MT meta-batches that are not a multiple of the
             class count (:meth:`~metarl_lightning.envs.benchmarks.Benchmark.slot_classes`).
+        wait: wait here until every worker has built its simulators. ``False`` returns once the
+            workers are started and waits at the first ``reset``/``step`` instead, so the caller
+            can do other start-up work while they build (a worker's failure is raised there).
 
     Attributes:
         agent_classes: the class of each agent (fixed for the env's life unless ``rotating``).
@@ -256,6 +236,7 @@ class MetaWorldVectorEnv:
         start_method: str = "forkserver",
         agent_classes: Sequence[str] | None = None,
         rotating: bool = False,
+        wait: bool = True,
     ) -> None:
         if envs_per_agent < 1:
             raise ValueError(f"envs_per_agent: must be >= 1, got {envs_per_agent}")
@@ -288,6 +269,7 @@ class MetaWorldVectorEnv:
         self.max_episode_steps = max_episode_steps
         self.action_dim = ACTION_DIM
         self._closed = True  # until everything is built, so __del__ of a half-built env is safe
+        self._building = False  # workers started, their "built" replies not read yet
         self._tasks: list[Task] | None = None
         self._needs_reset = True
         env_classes = [c for c in self.agent_classes for _ in range(envs_per_agent)]
@@ -340,10 +322,12 @@ class MetaWorldVectorEnv:
                 for k, (shape, dt) in _FIELDS.items()
             }
             self._buf = _views(raw, n)
-            with _main_script_hidden():
+            with main_script_hidden():
                 self._start_workers(ctx, raw, n, num_workers, group_kwargs)
             self._closed = False
-            self._gather()  # wait until every worker has built its simulators (or failed)
+            self._building = True
+            if wait:
+                self._wait_built()
         self._closed = False
 
     def _start_workers(self, ctx: Any, raw: dict[str, Any], n: int, num_workers: int, group_kwargs: Any) -> None:
@@ -477,6 +461,14 @@ class MetaWorldVectorEnv:
         if self._local is not None:
             self._local.close()
             self._local = None
+        if self._building:  # closed before first use: let each worker finish building, then stop it
+            self._building = False
+            for conn in self._conns:
+                try:
+                    if conn.poll(60.0):
+                        conn.recv_bytes()
+                except (EOFError, OSError):
+                    pass
         for conn in self._conns:
             try:
                 conn.send(("close", None))
@@ -537,6 +529,21 @@ class MetaWorldVectorEnv:
         """Fresh ``[hi - lo, obs_dim]`` observations of env rows ``lo:hi`` (never a shared-buffer view)."""
         return obs.copy() if self._one_hot is None else np.concatenate([obs, self._one_hot[lo:hi]], axis=1)
 
+    def wait_built(self) -> None:
+        """Wait until every worker has built its simulators (constructed with ``wait=False``).
+
+        Raises:
+            RuntimeError: a worker failed to build (with its traceback), or the env is closed.
+        """
+        self._check_open()
+
+    def _wait_built(self) -> None:
+        """Read each worker's one "built" reply (raises a worker's build error)."""
+        self._building = False
+        self._gather()
+
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("MetaWorldVectorEnv is closed")
+        if self._building:
+            self._wait_built()
