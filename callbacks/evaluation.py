@@ -159,6 +159,7 @@ class MetaWorldEvaluation(Callback):
             "one_hot": bool(getattr(dm, "task_one_hot", False)),
             # In-context agents: the context inputs and the trial memory they were trained with.
             "context_reward_scale": getattr(dm, "context_reward_scale", None) if getattr(dm, "context_inputs", False) else None,
+            "context_action_scale": float(getattr(dm, "context_action_scale", 1.0)),
             "trial_memory": getattr(dm, "reset_state_on", "episode") == "trial",
         }
 
@@ -182,6 +183,7 @@ class MetaWorldEvaluation(Callback):
                         sample_eval_actions=counts.get("eval_actions") == "sample",
                         context_reward_scale=settings.get("context_reward_scale"),
                         trial_memory=settings.get("trial_memory", False),
+                        context_action_scale=settings.get("context_action_scale", 1.0),
                         **common,
                     )
                 return evaluate_multi_task(

@@ -135,6 +135,10 @@ class MetaTaskDataModule(L.LightningDataModule):
             new goal at every reset).
         context_reward_scale: scale of the reward input; ``null``: 0.1 for Meta-World (rewards
             reach 10 per step), 1.0 for nav2d (minus a distance, at most ~1.4), so it is O(1).
+        context_action_scale: scale of the previous-action input; 0 keeps the layout but makes it
+            always 0 (the policy adapts from rewards, done flags and what it observes). The official
+            protocol scores the mean action, so a policy that saw its sampled actions (std ~1:
+            mostly noise) in training meets unseen action inputs in the evaluation episodes.
         compile_policy: run the collector's acting step through ``torch.compile`` (seconds of
             compilation per rollout shape). The native MLP/SSM acting steps gain nothing from it;
             policies on the generic vmap path (GRU, custom) do.
@@ -168,6 +172,7 @@ class MetaTaskDataModule(L.LightningDataModule):
         query_state: str = "fresh",
         context_inputs: bool = False,
         context_reward_scale: float | None = None,
+        context_action_scale: float = 1.0,
         compile_policy: bool = False,
         pipeline_rollouts: bool = False,
         seed: int = 0,
@@ -232,6 +237,7 @@ class MetaTaskDataModule(L.LightningDataModule):
         if context_reward_scale is None:
             context_reward_scale = NAV2D_CONTEXT_REWARD_SCALE if benchmark == NAV2D else METAWORLD_CONTEXT_REWARD_SCALE
         require(context_reward_scale > 0, "data.context_reward_scale", f"must be > 0 or null, got {context_reward_scale}")
+        require(context_action_scale >= 0, "data.context_action_scale", f"must be >= 0, got {context_action_scale}")
         self.save_hyperparameters()
         self.benchmark = benchmark
         self.env_name = env_name
@@ -253,6 +259,7 @@ class MetaTaskDataModule(L.LightningDataModule):
         self.query_state = query_state
         self.context_inputs = context_inputs
         self.context_reward_scale = context_reward_scale
+        self.context_action_scale = context_action_scale
         self.compile_policy = compile_policy
         self.pipeline_rollouts = pipeline_rollouts
         self.seed = seed
@@ -392,6 +399,7 @@ class MetaTaskDataModule(L.LightningDataModule):
             reset_state_on=self.reset_state_on,
             episodes_per_trial=self.episodes_per_trial,
             context_reward_scale=self.context_reward_scale if self.context_inputs else None,
+            context_action_scale=self.context_action_scale,
             compile_policy=self.compile_policy,
             pipeline=self.pipeline_rollouts,
             acting_threads=acting_threads,

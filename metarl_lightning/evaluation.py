@@ -55,6 +55,7 @@ def make_eval_envs(
     fast: bool = True,
     envs_per_class: int = 1,
     context_reward_scale: float | None = None,
+    context_action_scale: float = 1.0,
 ) -> gym.vector.VectorEnv:
     """The vector env metaworld's evaluation functions expect: ``envs_per_class`` envs per class.
 
@@ -74,6 +75,7 @@ def make_eval_envs(
             of every class at once. More envs per class batch more work per policy call.
         context_reward_scale: append the context inputs (previous action, reward times this scale,
             done) to the observations (:class:`ContextObservation`); ``None``: bare observations.
+        context_action_scale: multiplies the previous-action inputs (``data.context_action_scale``).
     """
     if envs_per_class < 1:
         raise ValueError(f"envs_per_class: must be >= 1, got {envs_per_class}")
@@ -101,7 +103,9 @@ def make_eval_envs(
         )
     # SAME_STEP autoreset: the protocol reads infos["final_info"] on the step an episode ends.
     envs = gym.vector.SyncVectorEnv(factories, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-    return envs if context_reward_scale is None else ContextObservation(envs, context_reward_scale)
+    if context_reward_scale is None:
+        return envs
+    return ContextObservation(envs, context_reward_scale, action_scale=context_action_scale)
 
 
 class MetaWorldAgent:
@@ -367,6 +371,7 @@ def evaluate_meta_learning(
     sample_eval_actions: bool = False,
     context_reward_scale: float | None = None,
     trial_memory: bool = False,
+    context_action_scale: float = 1.0,
 ) -> dict[str, Any]:
     """Official ML protocol on the test split: adapt to ``num_evals`` goals per test class, then evaluate.
 
@@ -396,6 +401,7 @@ def evaluate_meta_learning(
             action, reward times this scale, done; ``data.context_inputs``); ``None``: none.
         trial_memory: keep the recurrent state over all episodes of a task (``data.reset_state_on:
             trial``).
+        context_action_scale: multiplies the previous-action inputs (``data.context_action_scale``).
 
     Returns:
         ``{"success_rate", "return", "success_per_task": {class: rate}}``.
@@ -405,7 +411,8 @@ def evaluate_meta_learning(
         raise ValueError(f"benchmark: {benchmark_name} is not a meta-learning benchmark; use evaluate_multi_task")
     # All goals: the pseudo-random task wrapper shuffles them and walks num_evals distinct ones.
     envs = make_eval_envs(
-        bench, "test", seed, max_episode_steps, fast=fast, envs_per_class=envs_per_class, context_reward_scale=context_reward_scale
+        bench, "test", seed, max_episode_steps, fast=fast, envs_per_class=envs_per_class,
+        context_reward_scale=context_reward_scale, context_action_scale=context_action_scale,
     )
     if num_evals is None:
         num_evals = min(len(goals) for goals in bench.tasks("test").values()) // envs_per_class

@@ -242,6 +242,8 @@ class RolloutCollector:
             this scale, done flag: :mod:`metarl_lightning.envs.context`) to every observation,
             zeroed wherever the state is (trial starts, and every rollout start: a task change);
             ``None``: bare observations.
+        context_action_scale: multiplies the previous-action inputs (0: always 0; see
+            :func:`~metarl_lightning.envs.context.context_features`).
         action_limit: actions sent to the env are clipped to ``[-action_limit, action_limit]``.
         compile_policy: run the acting step through ``torch.compile`` (one compile per input shape,
             seconds each on a CPU). The native steps of the MLP and SSM policies gain nothing from it
@@ -267,6 +269,7 @@ class RolloutCollector:
         acting_threads: int | None = None,
         episodes_per_trial: int | None = None,
         context_reward_scale: float | None = None,
+        context_action_scale: float = 1.0,
     ) -> None:
         if reset_state_on not in ("episode", "trial"):
             raise ValueError(f"reset_state_on: expected 'episode' or 'trial', got {reset_state_on!r}")
@@ -276,6 +279,7 @@ class RolloutCollector:
         self.reset_state_on = reset_state_on
         self.episodes_per_trial = episodes_per_trial
         self.context_reward_scale = context_reward_scale
+        self.context_action_scale = context_action_scale
         self.action_limit = action_limit
         self.pipeline = pipeline
         self.acting_threads = acting_threads
@@ -288,6 +292,11 @@ class RolloutCollector:
         """Size of the policy input: the env's observation plus the context inputs, if any."""
         extra = 0 if self.context_reward_scale is None else context_dim(self.env.action_dim)
         return self.env.observation_dim + extra
+
+    def _context(self, sent_action: np.ndarray, reward: np.ndarray, done: np.ndarray) -> np.ndarray:
+        """The context inputs the next observation carries (the actions were clipped when sent)."""
+        assert self.context_reward_scale is not None
+        return context_features(sent_action, reward, done, self.context_reward_scale, action_scale=self.context_action_scale)
 
     def _trial_starts(self, lane: _Lane, done: np.ndarray) -> np.ndarray:
         """Which envs start a new trial (state and context zeroed) after a step that ended ``done``."""
@@ -400,7 +409,7 @@ class RolloutCollector:
                 # context is this step's (not an episode start: done 0).
                 final_context = None
                 if with_context:
-                    final_context = context_features(lane.sent_action, result.reward, np.zeros_like(done), self.context_reward_scale)
+                    final_context = self._context(lane.sent_action, result.reward, np.zeros_like(done))
                 final_obs = to_tensor(self._policy_input(result.final_observation, final_context), lane).to(dtype)
                 if final_observations is not None:
                     final_observations[lane.agents, :, t] = final_obs
@@ -415,7 +424,7 @@ class RolloutCollector:
             lane.state = lane.next_state
             context = None
             if with_context:
-                context = context_features(lane.sent_action, result.reward, done, self.context_reward_scale)
+                context = self._context(lane.sent_action, result.reward, done)
                 if t + 1 == num_steps:
                     lane.final_context = to_tensor(context.copy(), lane).to(dtype)  # before any trial start
                 context[starts] = 0.0  # a new trial: nothing happened yet

@@ -38,6 +38,18 @@ def test_context_features_are_clipped_action_scaled_reward_and_done():
     np.testing.assert_allclose(features, [[1.0, -0.5, 0.4, 1.0], [-1.0, 0.25, -0.1, 0.0]], rtol=1e-6)
 
 
+def test_action_scale_zero_keeps_the_layout_and_zeroes_only_the_action_inputs():
+    action, reward, done = np.array([[2.0, -0.5]]), np.array([4.0]), np.array([True])
+    features = context_features(action, reward, done, reward_scale=0.1, action_scale=0.0)
+    np.testing.assert_allclose(features, [[0.0, 0.0, 0.4, 1.0]], rtol=1e-6)
+    _, _, collector, r = _nav_rollout("ssm", context_action_scale=0.0)
+    ctx = r.observations[..., 2:]
+    assert torch.equal(ctx[..., :2], torch.zeros_like(ctx[..., :2]))
+    inside = [t for t in range(1, STEPS) if t != HORIZON * PER_TRIAL]  # not a trial start
+    torch.testing.assert_close(ctx[:, :, inside, 2], SCALE * r.rewards[:, :, [t - 1 for t in inside]])
+    assert ctx[:, :, HORIZON * PER_TRIAL].abs().sum() == 0
+
+
 def test_value_boundaries_cut_the_return_only_where_the_state_resets():
     truncated = torch.tensor([[False, True, False, True, False, True]])
     terminated = torch.zeros_like(truncated)

@@ -162,6 +162,19 @@ def test_eval_context_inputs_line_up_with_the_env_steps() -> None:
     assert agent.tasks[0][eval_start][1][0, -1] == 1.0
 
 
+def test_eval_wrapper_with_action_scale_zero_shows_no_action() -> None:
+    envs = make_eval_envs(make_benchmark("ML1", "reach-v3", seed=0), "test", seed=0, max_episode_steps=STEPS,
+                          context_reward_scale=SCALE, context_action_scale=0.0)
+    try:
+        envs.call("sample_tasks")
+        envs.reset(seed=0)
+        obs, reward, *_ = envs.step(np.full((envs.num_envs, 4), 0.7))
+    finally:
+        envs.close()
+    np.testing.assert_array_equal(obs[:, OBS : OBS + 4], 0.0)
+    np.testing.assert_allclose(obs[:, OBS + 4], SCALE * reward, rtol=1e-5)
+
+
 class _FirstObservationsOnly:
     """A protocol agent that hides the context inputs from the scripted expert."""
 
@@ -199,6 +212,9 @@ def test_evaluation_callback_evaluates_with_the_data_modules_in_context_settings
                          reset_state_on="trial")
     settings = MetaWorldEvaluation()._settings(SimpleNamespace(datamodule=dm))
     assert settings["context_reward_scale"] == 0.1 and settings["trial_memory"] is True
+    assert settings["context_action_scale"] == 1.0
+    dm.context_action_scale = 0.0
+    assert MetaWorldEvaluation()._settings(SimpleNamespace(datamodule=dm))["context_action_scale"] == 0.0
     dm.context_inputs, dm.reset_state_on = False, "episode"
     settings = MetaWorldEvaluation()._settings(SimpleNamespace(datamodule=dm))
     assert settings["context_reward_scale"] is None and settings["trial_memory"] is False

@@ -6,14 +6,17 @@ that step ended an episode; its recurrent state carries this across the episodes
 
 Layout of the appended features (``context_dim(action_dim)`` floats), for step ``t``:
 
-    [ action_{t-1} (clipped to the action box) | reward_{t-1} * reward_scale | done_{t-1} ]
+    [ action_{t-1} (clipped to the action box) * action_scale | reward_{t-1} * reward_scale | done_{t-1} ]
 
 ``done_{t-1}`` is 1 when step ``t - 1`` ended an episode, i.e. observation ``t`` is the first of a
 new episode *inside* the trial. At a trial start (and so at every task change) all of it is zero.
 
 The reward is scaled so the input is O(1): Meta-World's v2 rewards reach 10 per step (scale 0.1),
 2-D navigation's are minus a distance of at most ~1.4 (scale 1). Meta-World+ reports RL^2 collapsing
-when raw v1 rewards entered the input.
+when raw v1 rewards entered the input. ``action_scale`` 0 keeps the layout but drops what the action
+says: the official protocol scores the *mean* action, so a policy trained on sampled previous
+actions (mostly noise at std ~1) sees inputs unlike any in training in the evaluation episodes;
+Meta-World's observation already shows where the hand went.
 
 Training builds these features in the rollout collector (which also decides where trials start);
 evaluation through ``metaworld.evaluation`` cannot, because that protocol gives ``eval_action`` no
@@ -38,7 +41,12 @@ def context_dim(action_dim: int) -> int:
 
 
 def context_features(
-    action: np.ndarray, reward: np.ndarray, done: np.ndarray, reward_scale: float, action_limit: float = 1.0
+    action: np.ndarray,
+    reward: np.ndarray,
+    done: np.ndarray,
+    reward_scale: float,
+    action_limit: float = 1.0,
+    action_scale: float = 1.0,
 ) -> np.ndarray:
     """The context inputs that the *next* observation carries, ``[N, A + 2]`` float32.
 
@@ -49,8 +57,9 @@ def context_features(
         done: ``[N]`` bool, the step ended an episode (terminated or truncated).
         reward_scale: multiplies the reward (see the module docstring).
         action_limit: half-width of the action box.
+        action_scale: multiplies the clipped action (0: the action inputs are always 0).
     """
-    action = np.clip(np.asarray(action, dtype=np.float32), -action_limit, action_limit)
+    action = np.clip(np.asarray(action, dtype=np.float32), -action_limit, action_limit) * np.float32(action_scale)
     reward = np.asarray(reward, dtype=np.float32).reshape(-1, 1) * np.float32(reward_scale)
     done = np.asarray(done, dtype=np.float32).reshape(-1, 1)
     return np.concatenate([action, reward, done], axis=1)
@@ -68,12 +77,16 @@ class ContextObservation(gym.vector.VectorWrapper):
         env: the vector env from ``make_eval_envs`` (synchronous, same-step autoreset).
         reward_scale: see :func:`context_features`.
         action_limit: half-width of the action box.
+        action_scale: see :func:`context_features`.
     """
 
-    def __init__(self, env: gym.vector.VectorEnv, reward_scale: float, action_limit: float = 1.0) -> None:
+    def __init__(
+        self, env: gym.vector.VectorEnv, reward_scale: float, action_limit: float = 1.0, action_scale: float = 1.0
+    ) -> None:
         super().__init__(env)
         self.reward_scale = reward_scale
         self.action_limit = action_limit
+        self.action_scale = action_scale
         action_dim = int(np.prod(env.single_action_space.shape))
         base = env.single_observation_space
         extra = context_dim(action_dim)
@@ -97,7 +110,9 @@ class ContextObservation(gym.vector.VectorWrapper):
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Step and attach this step's action, scaled reward and done to the next observations."""
         observations, rewards, terminated, truncated, infos = self.env.step(actions)
-        self._context = context_features(actions, rewards, np.logical_or(terminated, truncated), self.reward_scale, self.action_limit)
+        self._context = context_features(
+            actions, rewards, np.logical_or(terminated, truncated), self.reward_scale, self.action_limit, self.action_scale
+        )
         self._in_trial = True
         return self._with_context(observations), rewards, terminated, truncated, infos
 
