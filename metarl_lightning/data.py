@@ -30,7 +30,6 @@ from metarl_lightning.threads import learner_threads, runnable_elsewhere, usable
 NAV2D = "nav2d"
 METAWORLD_BENCHMARKS = ("MT1", "MT10", "MT50", "ML1", "ML10", "ML45")
 VALID_BENCHMARKS = (NAV2D, *METAWORLD_BENCHMARKS)
-_MT_CLASS_COUNT = {"MT1": 1, "MT10": 10, "MT50": 50}
 _METAWORLD_OBS_DIM, _METAWORLD_ACTION_DIM = 39, 4
 
 
@@ -279,7 +278,9 @@ class MetaTaskDataModule(L.LightningDataModule):
         extra = 0
         if self.task_one_hot:
             require(self.benchmark.startswith("MT"), "data.task_one_hot", "only for MT benchmarks (ML test classes are unseen)")
-            extra = _MT_CLASS_COUNT[self.benchmark]
+            from metarl_lightning.envs.benchmarks import CLASS_COUNTS  # metaworld: imported on use
+
+            extra = CLASS_COUNTS[self.benchmark][0]  # MT: every class is a training class
         return _METAWORLD_OBS_DIM + extra + context
 
     @property

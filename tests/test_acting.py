@@ -16,6 +16,10 @@ POLICIES = {
     "ssm": lambda: SSMActorCritic(D, A, hidden_dim=16, state_dim=8),
     "ssm-shared-trunk": lambda: SSMActorCritic(D, A, hidden_dim=16, state_dim=8, shared_trunk=True),
     "ssm-3-layers": lambda: SSMActorCritic(D, A, hidden_dim=16, state_dim=8, num_layers=3),
+    "ssm-state-dependent-std": lambda: SSMActorCritic(D, A, hidden_dim=16, state_dim=8, state_dependent_std=True),
+    "ssm-shared-trunk-state-dependent-std": lambda: SSMActorCritic(
+        D, A, hidden_dim=16, state_dim=8, shared_trunk=True, state_dependent_std=True
+    ),
 }
 
 
@@ -45,7 +49,7 @@ def test_native_step_equals_forward_over_a_rollout_with_resets(kind, per_agent):
             a, b = native(obs, native_state, reset), generic(obs, generic_state, reset)
             torch.testing.assert_close(a.mean, b.mean, rtol=0, atol=1e-12)
             torch.testing.assert_close(a.value, b.value, rtol=0, atol=1e-12)
-            torch.testing.assert_close(a.log_std.expand_as(a.mean), b.log_std, rtol=0, atol=0)
+            torch.testing.assert_close(a.log_std.expand_as(a.mean), b.log_std, rtol=0, atol=1e-12)
             native_state, generic_state = a.state, b.state
 
 
@@ -98,3 +102,15 @@ def test_values_alone_equal_the_full_forward(kind):
     obs, resets = torch.randn(4, 9, D), torch.rand(4, 9) < 0.2
     state = policy.initial_state(4)
     torch.testing.assert_close(policy.values(obs, state, resets), policy(obs, state, resets).value, rtol=0, atol=1e-6)
+
+
+def test_state_dependent_std_starts_at_the_base_std_and_then_varies_with_the_memory():
+    torch.manual_seed(0)
+    policy = SSMActorCritic(D, A, hidden_dim=16, state_dim=8, init_log_std=-0.3, state_dependent_std=True)
+    obs, resets = torch.randn(2, 7, D), torch.zeros(2, 7, dtype=torch.bool)
+    out = policy(obs, policy.initial_state(2), resets)
+    torch.testing.assert_close(out.log_std, torch.full((2, 7, A), -0.3))  # zero-initialised head
+    assert {"log_std_head.weight", "log_std_head.bias", "log_std"} <= set(policy.action_head_names())
+    out = perturbed(policy)(obs, policy.initial_state(2), resets)
+    assert out.log_std.std(dim=1).min() > 0, "the std does not depend on the step"
+    assert (out.log_std - policy.log_std).abs().max() <= 2.0  # bounded around the base

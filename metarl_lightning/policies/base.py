@@ -48,6 +48,20 @@ def add_gaussian_heads(policy: nn.Module, feature_dim: int, action_dim: int, ini
         policy.action_head.bias.zero_()
 
 
+# A state-dependent log-std stays within this distance of the state-independent ``log_std``.
+LOG_STD_RANGE = 2.0
+
+
+def state_dependent_log_std(log_std: torch.Tensor, head_out: torch.Tensor | None, mean: torch.Tensor) -> torch.Tensor:
+    """``log_std + LOG_STD_RANGE * tanh(head_out)`` (``head_out`` ``None``: ``log_std``), shaped like ``mean``.
+
+    A zero-initialised head starts at the state-independent value; the tanh bounds how far the
+    memory can move it (a std between e^-2 and e^2 times the base), so no step can collapse it.
+    """
+    base = log_std.expand_as(mean)
+    return base if head_out is None else base + LOG_STD_RANGE * torch.tanh(head_out)
+
+
 class PolicyOutput(NamedTuple):
     """What a policy returns for a sequence.
 
@@ -83,7 +97,8 @@ class ActorCritic(nn.Module, abc.ABC):
         What ``model.inner_parameters: head`` adapts (ANIL, Raghu et al. 2020: the body is
         meta-learned, only the head adapts). The default fits the ``add_gaussian_heads`` layout.
         """
-        return [name for name, _ in self.named_parameters() if name.startswith("action_head.") or name == "log_std"]
+        head = ("action_head.", "log_std_head.")
+        return [name for name, _ in self.named_parameters() if name.startswith(head) or name == "log_std"]
 
     def parameter_groups(self) -> dict[str, list[str]]:
         """Names of parameters per optimiser group.

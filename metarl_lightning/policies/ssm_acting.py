@@ -32,7 +32,7 @@ from metarl_lightning.policies.acting import (
     fold_affine_into_linear,
     prepare_linear,
 )
-from metarl_lightning.policies.base import bounded_action_mean
+from metarl_lightning.policies.base import bounded_action_mean, state_dependent_log_std
 from metarl_lightning.policies.ssm import discretize
 
 if TYPE_CHECKING:
@@ -112,6 +112,11 @@ class SSMActingStep(NativeActingStep):
         self.action_head = prepare_linear(
             *fold_affine_into_linear(out_scale[0], out_shift[0], sets.get("action_head.weight"), sets.get("action_head.bias"))
         )
+        self.log_std_head = None
+        if policy.log_std_head is not None:
+            self.log_std_head = prepare_linear(
+                *fold_affine_into_linear(out_scale[0], out_shift[0], sets.get("log_std_head.weight"), sets.get("log_std_head.bias"))
+            )
         self.value_head = prepare_linear(
             *fold_affine_into_linear(out_scale[-1], out_shift[-1], sets.get("value_head.weight"), sets.get("value_head.bias"))
         ) if with_values else None
@@ -155,4 +160,7 @@ class SSMActingStep(NativeActingStep):
         features = features.chunk(len(self.trunks)) if len(self.trunks) > 1 else (features,)  # (K', M, H) per trunk
         mean = bounded_action_mean(apply_linear(features[0], self.action_head))  # (K', M, A)
         value = apply_linear(features[-1], self.value_head).reshape(K, E) if self.with_values else None
-        return ActingOutput(mean.reshape(K, E, -1), self.log_std, value, tuple(new_state))
+        log_std = self.log_std
+        if self.log_std_head is not None:  # (K', M, A), per step
+            log_std = state_dependent_log_std(self.log_std, apply_linear(features[0], self.log_std_head), mean).reshape(K, E, -1)
+        return ActingOutput(mean.reshape(K, E, -1), log_std, value, tuple(new_state))

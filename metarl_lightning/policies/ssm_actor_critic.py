@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarl_lightning.policies.base import ActorCritic, PolicyOutput, add_gaussian_heads, bounded_action_mean
+from metarl_lightning.policies.base import ActorCritic, PolicyOutput, add_gaussian_heads, bounded_action_mean, state_dependent_log_std
 from metarl_lightning.policies.ssm import S5
 from metarl_lightning.policies.ssm_acting import SSMActingStep
 
@@ -108,6 +108,11 @@ class SSMActorCritic(ActorCritic):
         num_layers: number of S5 blocks per trunk.
         init_log_std: initial value of the state-independent log standard deviation.
         shared_trunk: one trunk for actor and critic (half the cost, see above for the risk).
+        state_dependent_std: add a log-std head on the actor's features (zero at the start, within
+            +-2 of ``log_std``): the std then depends on the memory, so an in-context agent can
+            explore in a trial's first episodes and act precisely in its last ones. The official
+            protocol scores the mean action; with one std for every step the std stays ~1 and the
+            policy succeeds through its noise (docs/in_context.md).
     """
 
     acting_step_class = SSMActingStep
@@ -121,6 +126,7 @@ class SSMActorCritic(ActorCritic):
         num_layers: int = 2,
         init_log_std: float = -0.5,
         shared_trunk: bool = False,
+        state_dependent_std: bool = False,
     ) -> None:
         super().__init__()
         self.observation_dim = observation_dim
@@ -130,6 +136,14 @@ class SSMActorCritic(ActorCritic):
         self.actor_trunk = S5Trunk(observation_dim, hidden_dim, state_dim, num_layers)
         self.critic_trunk = None if shared_trunk else S5Trunk(observation_dim, hidden_dim, state_dim, num_layers)
         add_gaussian_heads(self, hidden_dim, action_dim, init_log_std)
+        self.log_std_head = nn.Linear(hidden_dim, action_dim) if state_dependent_std else None
+        if self.log_std_head is not None:
+            nn.init.zeros_(self.log_std_head.weight)
+            nn.init.zeros_(self.log_std_head.bias)
+
+    def _log_std(self, actor_x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        head_out = None if self.log_std_head is None else self.log_std_head(actor_x)
+        return state_dependent_log_std(self.log_std, head_out, mean)
 
     def parameter_groups(self) -> dict[str, list[str]]:
         """``"ssm"``: Lambda, log step and B of every block (S5 practice); ``"default"``: the rest."""
@@ -156,7 +170,7 @@ class SSMActorCritic(ActorCritic):
         mean = bounded_action_mean(self.action_head(actor_x))
         return PolicyOutput(
             mean=mean,
-            log_std=self.log_std.expand_as(mean),
+            log_std=self._log_std(actor_x, mean),
             value=mean.new_zeros(mean.shape[:-1]),
             state=torch.cat([actor_h, state[:, L:]], dim=1),
         )
@@ -183,7 +197,7 @@ class SSMActorCritic(ActorCritic):
             mean=mean,
             # Expanded, not (A,): under vmap over agents an (A,) output becomes (K, A), which no
             # longer broadcasts against (K, B, T, A).
-            log_std=self.log_std.expand_as(mean),  # (B, T, A)
+            log_std=self._log_std(actor_x, mean),  # (B, T, A)
             value=self.value_head(critic_x).squeeze(-1),  # (B, T)
             state=new_state,  # (B, trunks * L, N, 2)
         )
