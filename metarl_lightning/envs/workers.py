@@ -327,7 +327,7 @@ class MetaWorldVectorEnv:
             self._closed = False
             self._building = True
             if wait:
-                self._wait_built()
+                self.wait_built()
         self._closed = False
 
     def _start_workers(self, ctx: Any, raw: dict[str, Any], n: int, num_workers: int, group_kwargs: Any) -> None:
@@ -537,13 +537,10 @@ class MetaWorldVectorEnv:
         """
         self._check_open()
 
-    def _wait_built(self) -> None:
-        """Read each worker's one "built" reply (raises a worker's build error)."""
-        self._building = False
-        self._gather()
-
     def _check_open(self) -> None:
+        """Raise if closed; first use after ``wait=False``: read each worker's one "built" reply."""
         if self._closed:
             raise RuntimeError("MetaWorldVectorEnv is closed")
         if self._building:
-            self._wait_built()
+            self._building = False
+            self._gather()  # raises a worker's build error (and closes)
