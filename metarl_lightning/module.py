@@ -96,7 +96,8 @@ class MetaRLModule(L.LightningModule):
             projected below a ceiling that falls geometrically from std 1 to this value over the
             first ``std_ceiling_epochs`` iterations and stays there
             (:mod:`metarl_lightning.algorithms.std_schedule`; the outer update alone barely moves
-            the std, and Meta-World's protocol scores the mean action). ``null``: off.
+            the std, and Meta-World's protocol scores the mean action). ``null``: off. Refused
+            with a state-dependent std (a std head), which the parameter's bound cannot hold.
         std_ceiling_epochs: meta-iterations over which the ceiling falls to ``std_ceiling``.
         std_ceiling_on: what the ceiling bounds: ``policy`` projects theta's ``log_std`` (support,
             query and evaluation all act with the lower std); ``adapted`` bounds only theta_k''s
@@ -187,6 +188,13 @@ class MetaRLModule(L.LightningModule):
         self.save_hyperparameters(ignore=["policy"])
         self.automatic_optimization = False
         self.policy = policy
+        # The ceiling projects the state-independent log_std parameter; a std head adds up to
+        # LOG_STD_RANGE on top of it per step, which no projection of a parameter can bound.
+        require(
+            std_ceiling is None or getattr(policy, "log_std_head", None) is None,
+            "model.std_ceiling",
+            "bounds the state-independent std only: leave it null with model.policy.init_args.state_dependent_std: true",
+        )
         self.reward_scale = reward_scale
         self.ppo = PPOSettings(clip_epsilon, value_coef, entropy_coef, value_clip_epsilon)
         require(inner_parameters in ("all", "head"), "model.inner_parameters", f"must be 'all' or 'head', got {inner_parameters!r}")

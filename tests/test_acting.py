@@ -104,9 +104,13 @@ def test_values_alone_equal_the_full_forward(kind):
     torch.testing.assert_close(policy.values(obs, state, resets), policy(obs, state, resets).value, rtol=0, atol=1e-6)
 
 
-def test_state_dependent_std_starts_at_the_base_std_and_then_varies_with_the_memory():
+@pytest.mark.parametrize("kind", ["ssm", "gru"])
+def test_state_dependent_std_starts_at_the_base_std_and_then_varies_with_the_memory(kind):
     torch.manual_seed(0)
-    policy = SSMActorCritic(D, A, hidden_dim=16, state_dim=8, init_log_std=-0.3, state_dependent_std=True)
+    if kind == "gru":
+        policy = GRUActorCritic(D, A, hidden_dim=16, init_log_std=-0.3, state_dependent_std=True)
+    else:
+        policy = SSMActorCritic(D, A, hidden_dim=16, state_dim=8, init_log_std=-0.3, state_dependent_std=True)
     obs, resets = torch.randn(2, 7, D), torch.zeros(2, 7, dtype=torch.bool)
     out = policy(obs, policy.initial_state(2), resets)
     torch.testing.assert_close(out.log_std, torch.full((2, 7, A), -0.3))  # zero-initialised head

@@ -11,7 +11,7 @@ from metarl_lightning.algorithms.std_schedule import project_log_std, std_ceilin
 from metarl_lightning.data import MetaTaskDataModule
 from metarl_lightning.errors import ConfigError
 from metarl_lightning.module import MetaRLModule
-from metarl_lightning.policies import MLPActorCritic
+from metarl_lightning.policies import MLPActorCritic, SSMActorCritic
 from tests.helpers import quiet_trainer
 
 
@@ -66,6 +66,11 @@ def test_the_module_projects_the_std_before_every_iteration_and_logs_the_ceiling
             MetaRLModule(MLPActorCritic(2, 2), std_ceiling=bad)
     with pytest.raises(ConfigError, match="model.std_ceiling_epochs"):
         MetaRLModule(MLPActorCritic(2, 2), std_ceiling=0.5, std_ceiling_epochs=0)
+    # A std head moves the std above the projected parameter: the ceiling could not hold.
+    with pytest.raises(ConfigError, match="model.std_ceiling.*state_dependent_std"):
+        MetaRLModule(SSMActorCritic(2, 2, hidden_dim=8, state_dim=4, state_dependent_std=True), std_ceiling=0.5)
+    MetaRLModule(SSMActorCritic(2, 2, hidden_dim=8, state_dim=4, state_dependent_std=True))
+    MetaRLModule(SSMActorCritic(2, 2, hidden_dim=8, state_dim=4), std_ceiling=0.5)
 
 
 def test_a_ceiling_on_the_adapted_policy_bounds_theta_prime_only(monkeypatch):

@@ -52,6 +52,15 @@ def add_gaussian_heads(policy: nn.Module, feature_dim: int, action_dim: int, ini
 LOG_STD_RANGE = 2.0
 
 
+def add_log_std_head(policy: nn.Module, feature_dim: int, action_dim: int, enabled: bool) -> None:
+    """Give ``policy`` a ``log_std_head`` (``None`` unless ``enabled``), zero-initialised so that the
+    std starts at the state-independent ``log_std`` (see :func:`state_dependent_log_std`)."""
+    policy.log_std_head = nn.Linear(feature_dim, action_dim) if enabled else None
+    if policy.log_std_head is not None:
+        nn.init.zeros_(policy.log_std_head.weight)
+        nn.init.zeros_(policy.log_std_head.bias)
+
+
 def state_dependent_log_std(log_std: torch.Tensor, head_out: torch.Tensor | None, mean: torch.Tensor) -> torch.Tensor:
     """``log_std + LOG_STD_RANGE * tanh(head_out)`` (``head_out`` ``None``: ``log_std``), shaped like ``mean``.
 

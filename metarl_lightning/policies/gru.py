@@ -14,7 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarl_lightning.policies.base import ActorCritic, PolicyOutput, add_gaussian_heads, bounded_action_mean
+from metarl_lightning.policies.base import (
+    ActorCritic,
+    PolicyOutput,
+    add_gaussian_heads,
+    add_log_std_head,
+    bounded_action_mean,
+    state_dependent_log_std,
+)
 
 
 class GRUActorCritic(ActorCritic):
@@ -26,6 +33,9 @@ class GRUActorCritic(ActorCritic):
         action_dim: size of the action vector.
         hidden_dim: width of the encoder and the GRU state.
         init_log_std: initial value of the state-independent log standard deviation.
+        state_dependent_std: add a log-std head on the GRU state (zero at the start, within +-2 of
+            ``log_std``), as the Meta-World+ reference RL^2 policy's std head; see
+            :class:`~metarl_lightning.policies.SSMActorCritic`.
     """
 
     def __init__(
@@ -34,6 +44,7 @@ class GRUActorCritic(ActorCritic):
         action_dim: int,
         hidden_dim: int = 64,
         init_log_std: float = -0.5,
+        state_dependent_std: bool = False,
     ) -> None:
         super().__init__()
         self.observation_dim = observation_dim
@@ -47,6 +58,7 @@ class GRUActorCritic(ActorCritic):
         self.bias_ih = nn.Parameter(torch.empty(3 * hidden_dim).uniform_(-bound, bound))
         self.bias_hh = nn.Parameter(torch.empty(3 * hidden_dim).uniform_(-bound, bound))
         add_gaussian_heads(self, hidden_dim, action_dim, init_log_std)
+        add_log_std_head(self, hidden_dim, action_dim, state_dependent_std)
 
     def initial_state(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
         """Zero state ``(batch_size, hidden_dim)``."""
@@ -79,7 +91,8 @@ class GRUActorCritic(ActorCritic):
         mean = bounded_action_mean(self.action_head(hs))  # (B, T, A)
         return PolicyOutput(
             mean=mean,
-            log_std=self.log_std.expand_as(mean),  # (B, T, A): stays broadcastable under vmap
+            # (B, T, A): stays broadcastable under vmap
+            log_std=state_dependent_log_std(self.log_std, None if self.log_std_head is None else self.log_std_head(hs), mean),
             value=self.value_head(hs).squeeze(-1),  # (B, T)
             state=h,  # (B, H)
         )

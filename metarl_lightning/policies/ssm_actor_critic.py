@@ -17,7 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarl_lightning.policies.base import ActorCritic, PolicyOutput, add_gaussian_heads, bounded_action_mean, state_dependent_log_std
+from metarl_lightning.policies.base import (
+    ActorCritic,
+    PolicyOutput,
+    add_gaussian_heads,
+    add_log_std_head,
+    bounded_action_mean,
+    state_dependent_log_std,
+)
 from metarl_lightning.policies.ssm import S5
 from metarl_lightning.policies.ssm_acting import SSMActingStep
 
@@ -136,10 +143,7 @@ class SSMActorCritic(ActorCritic):
         self.actor_trunk = S5Trunk(observation_dim, hidden_dim, state_dim, num_layers)
         self.critic_trunk = None if shared_trunk else S5Trunk(observation_dim, hidden_dim, state_dim, num_layers)
         add_gaussian_heads(self, hidden_dim, action_dim, init_log_std)
-        self.log_std_head = nn.Linear(hidden_dim, action_dim) if state_dependent_std else None
-        if self.log_std_head is not None:
-            nn.init.zeros_(self.log_std_head.weight)
-            nn.init.zeros_(self.log_std_head.bias)
+        add_log_std_head(self, hidden_dim, action_dim, state_dependent_std)
 
     def _log_std(self, actor_x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
         head_out = None if self.log_std_head is None else self.log_std_head(actor_x)
