@@ -27,8 +27,8 @@ TINY_TRIALS = [
     "--data.num_env_workers", "1",
     "--model.ppo_epochs", "1",
 ]
-CONFIGS = ["ml1_rl2", "ml10_rl2", "ml10_rl2_gru", "ml10_maml_memory"]
-# ml10_rl2 differs from ml1_rl2 only in the benchmark, ml10_rl2_gru from ml10_rl2 only in the policy.
+CONFIGS = ["ml1_rl2", "ml1_rl2_gru", "ml10_rl2", "ml10_rl2_gru", "ml10_maml_memory"]
+# ml10_rl2 differs from ml1_rl2 only in the benchmark, the _gru configs from theirs only in the policy.
 RUNS = ["ml1_rl2", "ml10_maml_memory", *(pytest.param(n, marks=pytest.mark.slow) for n in ("ml10_rl2", "ml10_rl2_gru"))]
 
 
