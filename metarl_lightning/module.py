@@ -554,16 +554,24 @@ class MetaRLModule(L.LightningModule):
         return total / world
 
     def _all_reduce_gradients(self) -> None:
-        """Average the meta-gradient over ranks with one flattened all-reduce."""
+        """Average the meta-gradient over ranks with one flattened all-reduce.
+
+        A parameter no loss reached (a critic that is never run, ``value_coef: 0``) keeps its
+        ``None`` grad, as on one process: a zero grad would still be weight-decayed by AdamW. Which
+        parameters have a grad travels in the same all-reduce (a flag per parameter), so a grad that
+        exists on some ranks only is averaged with zeros rather than left out.
+        """
         if self.trainer.world_size <= 1:
             return
         params = [p for p in self.parameters() if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = self._mean_over_ranks(torch.cat([g.reshape(-1) for g in grads]))
+        present = torch.tensor([float(p.grad is not None) for p in params], dtype=grads[0].dtype, device=grads[0].device)
+        flat = self._mean_over_ranks(torch.cat([g.reshape(-1) for g in grads] + [present]))
+        anywhere = flat[-len(params) :] > 0
         offset = 0
-        for p in params:
+        for p, reached in zip(params, anywhere.tolist()):
             n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).clone()
+            p.grad = flat[offset : offset + n].view_as(p).clone() if reached else None
             offset += n
 
     def _kl_too_large(self, approx_kl: torch.Tensor) -> bool:

@@ -15,13 +15,14 @@ SCRIPT = Path(__file__).with_name("ddp_run.py")
 ROOT = SCRIPT.parents[1]
 
 
-def run(out: Path, devices: int, strategy: str = "ddp") -> None:
+def run(out: Path, devices: int, strategy: str = "ddp", *extra: str) -> None:
     out.mkdir()
-    subprocess.run([sys.executable, str(SCRIPT), str(out), str(devices), strategy], cwd=ROOT, check=True, timeout=600, capture_output=True)
+    command = [sys.executable, str(SCRIPT), str(out), str(devices), strategy, *extra]
+    subprocess.run(command, cwd=ROOT, check=True, timeout=600, capture_output=True)
 
 
 def max_abs_diff(a: dict, b: dict) -> float:
-    return max((a[k] - b[k]).abs().max().item() for k in a)
+    return max((a[k] - b[k]).abs().max().item() for k in a if a[k] is not None)
 
 
 @pytest.fixture(scope="module")
@@ -46,3 +47,19 @@ def test_two_ranks_match_one_process(single, tmp_path, strategy):
     params = [torch.load(out / f"params_rank{r}.pt") for r in (0, 1)]
     assert max_abs_diff(params[0], params[1]) == 0.0
     assert max_abs_diff(torch.load(single / "params_rank0.pt"), params[0]) < 1e-5
+
+
+def test_a_parameter_no_loss_reaches_keeps_no_grad_under_ddp(tmp_path):
+    """Linear baseline, ``value_coef: 0``, weight decay: the critic is never run, so its grads are
+    None on one process; DDP must keep them None (a zero grad would be weight-decayed by AdamW and
+    the ranks' critic would drift from the single process's)."""
+    run(tmp_path / "single", 1, "ddp", "linear")
+    run(tmp_path / "ddp", 2, "ddp", "linear")
+    one_grad = torch.load(tmp_path / "single" / "grads_rank0.pt")
+    rank_grad = torch.load(tmp_path / "ddp" / "grads_rank0.pt")
+    unused = {n for n, g in one_grad.items() if g is None}
+    assert unused and all(n.startswith("value_head") or "critic" in n for n in unused), unused
+    assert {n for n, g in rank_grad.items() if g is None} == unused
+    assert max_abs_diff(one_grad, rank_grad) < 1e-5 * max(g.abs().max().item() for g in rank_grad.values() if g is not None)
+    single_params, rank_params = (torch.load(tmp_path / d / "params_rank0.pt") for d in ("single", "ddp"))
+    assert max_abs_diff(single_params, rank_params) < 1e-5
