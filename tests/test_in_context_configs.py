@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_TRIALS = [
     "--trainer.max_epochs", "1",
     "--trainer.limit_val_batches", "0",
-    "--data.rollouts_per_task", "2",
-    "--data.envs_per_task", "1",
-    "--data.eval_rollouts_per_task", "2",
+    "--data.rollouts_per_task", "4",
+    "--data.envs_per_task", "2",  # the RL^2 configs take PPO minibatches of 1 of 2 trials
+    "--data.eval_rollouts_per_task", "4",
     "--data.episodes_per_trial", "2",
     "--data.max_episode_steps", "10",
     "--data.num_env_workers", "1",
