@@ -17,14 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarl_lightning.policies.base import (
-    ActorCritic,
-    PolicyOutput,
-    add_gaussian_heads,
-    add_log_std_head,
-    bounded_action_mean,
-    state_dependent_log_std,
-)
+from metarl_lightning.policies.base import ActorCritic, PolicyOutput, add_gaussian_heads, add_log_std_head, bounded_action_mean, state_dependent_log_std
 from metarl_lightning.policies.ssm import S5
 from metarl_lightning.policies.ssm_acting import SSMActingStep
 
