@@ -109,6 +109,13 @@ class ActorCritic(nn.Module, abc.ABC):
         head = ("action_head.", "log_std_head.")
         return [name for name, _ in self.named_parameters() if name.startswith(head) or name == "log_std"]
 
+    def _log_std(self, features: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """The Gaussian's log-std at ``features`` ``[..., H]``, shaped like ``mean``: ``log_std``, moved
+        by ``log_std_head`` where the policy has one (the ``add_gaussian_heads`` / ``add_log_std_head``
+        layout)."""
+        head = getattr(self, "log_std_head", None)
+        return state_dependent_log_std(self.log_std, None if head is None else head(features), mean)
+
     def parameter_groups(self) -> dict[str, list[str]]:
         """Names of parameters per optimiser group.
 

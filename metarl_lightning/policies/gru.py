@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarl_lightning.policies.base import ActorCritic, PolicyOutput, add_gaussian_heads, add_log_std_head, bounded_action_mean, state_dependent_log_std
+from metarl_lightning.policies.base import ActorCritic, PolicyOutput, add_gaussian_heads, add_log_std_head, bounded_action_mean
 
 
 class GRUActorCritic(ActorCritic):
@@ -84,8 +84,7 @@ class GRUActorCritic(ActorCritic):
         mean = bounded_action_mean(self.action_head(hs))  # (B, T, A)
         return PolicyOutput(
             mean=mean,
-            # (B, T, A): stays broadcastable under vmap
-            log_std=state_dependent_log_std(self.log_std, None if self.log_std_head is None else self.log_std_head(hs), mean),
+            log_std=self._log_std(hs, mean),  # (B, T, A): stays broadcastable under vmap
             value=self.value_head(hs).squeeze(-1),  # (B, T)
             state=h,  # (B, H)
         )

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarl_lightning.policies.base import ActorCritic, PolicyOutput, add_gaussian_heads, add_log_std_head, bounded_action_mean, state_dependent_log_std
+from metarl_lightning.policies.base import ActorCritic, PolicyOutput, add_gaussian_heads, add_log_std_head, bounded_action_mean
 from metarl_lightning.policies.ssm import S5
 from metarl_lightning.policies.ssm_acting import SSMActingStep
 
@@ -137,10 +137,6 @@ class SSMActorCritic(ActorCritic):
         self.critic_trunk = None if shared_trunk else S5Trunk(observation_dim, hidden_dim, state_dim, num_layers)
         add_gaussian_heads(self, hidden_dim, action_dim, init_log_std)
         add_log_std_head(self, hidden_dim, action_dim, state_dependent_std)
-
-    def _log_std(self, actor_x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-        head_out = None if self.log_std_head is None else self.log_std_head(actor_x)
-        return state_dependent_log_std(self.log_std, head_out, mean)
 
     def parameter_groups(self) -> dict[str, list[str]]:
         """``"ssm"``: Lambda, log step and B of every block (S5 practice); ``"default"``: the rest."""
