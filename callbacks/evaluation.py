@@ -56,6 +56,10 @@ class MetaWorldEvaluation(Callback):
             but overstates success under metaworld's counting (docs/results.md, "Protocol").
         eval_actions: ML only: ``mean`` (the published protocol: the adapted policy's mean action) or
             ``sample`` (its sampled actions, labelled as such in the counts; for diagnosis).
+        eval_state: ML only, agents with trial memory (``data.reset_state_on: trial``): where each
+            evaluation episode starts: ``carry`` (where the previous episode ended: one trial from the
+            first adaptation episode to the last evaluation episode) or ``adapted`` (the state the
+            adaptation episodes left, as the Meta-World+ reference RL^2 agent; recorded in the counts).
         on_validate: also evaluate at the end of the ``validate`` subcommand.
         on_test: also evaluate at the end of the ``test`` subcommand.
     """
@@ -74,11 +78,14 @@ class MetaWorldEvaluation(Callback):
         max_episode_steps: int | None = None,
         envs_per_class: int = 1,
         eval_actions: Literal["mean", "sample"] = "mean",
+        eval_state: Literal["carry", "adapted"] = "carry",
         on_validate: bool = True,
         on_test: bool = True,
     ) -> None:
         if eval_actions not in ("mean", "sample"):
             raise ValueError(f"MetaWorldEvaluation.eval_actions: must be 'mean' or 'sample', got {eval_actions!r}")
+        if eval_state not in ("carry", "adapted"):
+            raise ValueError(f"MetaWorldEvaluation.eval_state: must be 'carry' or 'adapted', got {eval_state!r}")
         if protocol not in ("official", "custom"):
             raise ValueError(f"MetaWorldEvaluation.protocol: must be 'official' or 'custom', got {protocol!r}")
         for name, value, low in (
@@ -100,6 +107,7 @@ class MetaWorldEvaluation(Callback):
         self.max_episode_steps = max_episode_steps
         self.envs_per_class = envs_per_class
         self.eval_actions = eval_actions
+        self.eval_state = eval_state
         self.on_validate = on_validate
         self.on_test = on_test
         self._skip_noted = False
@@ -119,6 +127,8 @@ class MetaWorldEvaluation(Callback):
             counts = {"protocol": self.protocol, **ml, "max_episode_steps": steps}
             if self.eval_actions == "sample":  # only recorded when it departs from the protocol
                 counts["eval_actions"] = "sample"
+            if self.eval_state == "adapted":  # the agent's choice, recorded beside the counts
+                counts["eval_state"] = "adapted"
             return counts
         episodes = self.OFFICIAL_MT_EPISODES if official else self.evaluation_episodes
         return {"protocol": self.protocol, "evaluation_episodes": episodes, "max_episode_steps": steps}
@@ -184,6 +194,7 @@ class MetaWorldEvaluation(Callback):
                         context_reward_scale=settings.get("context_reward_scale"),
                         trial_memory=settings.get("trial_memory", False),
                         context_action_scale=settings.get("context_action_scale", 1.0),
+                        eval_state=counts.get("eval_state", "carry"),
                         **common,
                     )
                 return evaluate_multi_task(

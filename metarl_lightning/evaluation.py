@@ -124,7 +124,9 @@ class MetaWorldAgent:
     Recurrent state is zeroed at every episode start, as the collector's ``reset_state_on="episode"``;
     with ``trial_memory`` only at :meth:`init` (a new task), so it is carried from the first
     adaptation episode into the last evaluation episode (the protocol's ``reset`` calls at episode
-    ends are ignored). The inner step is taken only when the module has ``inner_steps > 0``; with
+    ends are ignored). With ``eval_state="adapted"`` every evaluation episode instead starts from the
+    state the adaptation episodes left (the Meta-World+ reference RL^2 agent's choice): what was
+    learnt about the task stays, what one evaluation episode did is forgotten. The inner step is taken only when the module has ``inner_steps > 0``; with
     0 (RL^2) the agent adapts in context alone and acts with theta throughout.
 
     Args:
@@ -135,6 +137,8 @@ class MetaWorldAgent:
         seed: seeds the exploration noise of adaptation.
         sample_eval_actions: evaluate with sampled instead of mean actions.
         trial_memory: keep the recurrent state over all episodes of a task (see above).
+        eval_state: with ``trial_memory``, where an evaluation episode starts: ``carry`` (from where
+            the previous episode ended) or ``adapted`` (from the state at :meth:`adapt`).
     """
 
     def __init__(
@@ -146,8 +150,12 @@ class MetaWorldAgent:
         seed: int = 0,
         sample_eval_actions: bool = False,
         trial_memory: bool = False,
+        eval_state: str = "carry",
     ) -> None:
+        if eval_state not in ("carry", "adapted"):
+            raise ValueError(f"eval_state: must be 'carry' or 'adapted', got {eval_state!r}")
         self.module = module
+        self.eval_state = eval_state
         self.policy = module.policy
         self.sample_eval_actions = sample_eval_actions
         self.trial_memory = trial_memory
@@ -182,6 +190,9 @@ class MetaWorldAgent:
             # The critic runs only while its values feed the adaptation's advantages.
             self._acting = self.policy.acting_step(self.params, K, 1, with_values=self._with_values)
             self.state = self._acting.initial_state()
+        if self.pending_restore.any():  # evaluation episodes starting from the adapted state
+            self.state = self._acting.select_state(self.pending_restore.reshape(K, 1), self.adapted_state, self.state)
+            self.pending_restore = torch.zeros(K, dtype=torch.bool, device=self.device)
         out = self._acting(obs.reshape(K, 1, -1), self.state, self.pending_reset.reshape(K, 1))
         self.state = out.state
         self.pending_reset = torch.zeros(K, dtype=torch.bool, device=self.device)
@@ -201,14 +212,19 @@ class MetaWorldAgent:
         self._acting: ActingStep | None = None  # built from self.params at the first step
         self._with_values = self.module.hparams.get("baseline", "critic") == "critic"
         self.pending_reset = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
+        self.pending_restore = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
+        self.adapted_state: Any = None  # eval_state "adapted": the state at adapt(), in the step's layout
         self.buffer: dict[str, list[torch.Tensor]] = {}
 
     def reset(self, env_mask: npt.NDArray[np.bool_]) -> None:
         """Zero the recurrent state of the envs in ``env_mask`` before their next step.
 
-        A trial-memory agent ignores it: the protocol calls it at episode ends, inside the trial.
+        A trial-memory agent ignores it: the protocol calls it at episode ends, inside the trial; with
+        ``eval_state="adapted"`` those envs restart from the adapted state once adaptation is done.
         """
         if self.trial_memory:
+            if self.adapted_state is not None:
+                self.pending_restore = self.pending_restore | torch.as_tensor(np.asarray(env_mask, dtype=bool), device=self.device)
             return
         self.pending_reset = self.pending_reset | torch.as_tensor(np.asarray(env_mask, dtype=bool), device=self.device)
 
@@ -304,6 +320,8 @@ class MetaWorldAgent:
                 state = self.state
                 self._acting = self.policy.acting_step(self.params, self.num_envs, 1, with_values=self._with_values)
                 self.state = state
+            if self.eval_state == "adapted" and self._acting is not None:
+                self.adapted_state = self.state
             return
         self._acting = None
         self._with_values = False  # evaluation acts with the mean only
@@ -372,6 +390,7 @@ def evaluate_meta_learning(
     context_reward_scale: float | None = None,
     trial_memory: bool = False,
     context_action_scale: float = 1.0,
+    eval_state: str = "carry",
 ) -> dict[str, Any]:
     """Official ML protocol on the test split: adapt to ``num_evals`` goals per test class, then evaluate.
 
@@ -402,6 +421,8 @@ def evaluate_meta_learning(
         trial_memory: keep the recurrent state over all episodes of a task (``data.reset_state_on:
             trial``).
         context_action_scale: multiplies the previous-action inputs (``data.context_action_scale``).
+        eval_state: with ``trial_memory``, where each evaluation episode starts: ``carry`` (where the
+            previous episode ended) or ``adapted`` (the state the adaptation episodes left).
 
     Returns:
         ``{"success_rate", "return", "success_per_task": {class: rate}}``.
@@ -417,7 +438,10 @@ def evaluate_meta_learning(
     if num_evals is None:
         num_evals = min(len(goals) for goals in bench.tasks("test").values()) // envs_per_class
     try:
-        agent = MetaWorldAgent(module, envs.num_envs, seed=seed, sample_eval_actions=sample_eval_actions, trial_memory=trial_memory)
+        agent = MetaWorldAgent(
+            module, envs.num_envs, seed=seed, sample_eval_actions=sample_eval_actions,
+            trial_memory=trial_memory, eval_state=eval_state,
+        )
         with torch.no_grad(), _one_torch_thread():
             return run_meta_learning(agent, envs, num_evals, adaptation_episodes, evaluation_episodes, adaptation_steps)
     finally:

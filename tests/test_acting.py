@@ -118,3 +118,30 @@ def test_state_dependent_std_starts_at_the_base_std_and_then_varies_with_the_mem
     out = perturbed(policy)(obs, policy.initial_state(2), resets)
     assert out.log_std.std(dim=1).min() > 0, "the std does not depend on the step"
     assert (out.log_std - policy.log_std).abs().max() <= 2.0  # bounded around the base
+
+
+@pytest.mark.parametrize("per_agent", [True, False], ids=["per-agent", "theta"])
+@pytest.mark.parametrize("kind", sorted(POLICIES) + ["gru"])
+def test_select_state_takes_each_envs_state_from_the_flagged_source(kind, per_agent):
+    # Oracle: a step from the selected state acts, env by env, as a step from the state it was taken from.
+    torch.manual_seed(0)
+    policy = perturbed(GRUActorCritic(D, A, hidden_dim=16) if kind == "gru" else POLICIES[kind]()).double()
+    params = None
+    if per_agent:
+        params = {n: p.detach() + 0.1 * torch.randn(K, *p.shape, dtype=p.dtype) for n, p in policy.named_parameters()}
+    step = policy.acting_step(params, K, E)
+    no_reset = torch.zeros(K, E, dtype=torch.bool)
+    with torch.no_grad():
+        first, second = step.initial_state(), step.initial_state()
+        for _ in range(4):  # two different histories
+            first = step(torch.randn(K, E, D, dtype=torch.float64), first, no_reset).state
+            second = step(torch.randn(K, E, D, dtype=torch.float64), second, no_reset).state
+        mask = torch.rand(K, E) < 0.5
+        mask[0, 0], mask[-1, -1] = True, False
+        obs = torch.randn(K, E, D, dtype=torch.float64)
+        selected = step(obs, step.select_state(mask, first, second), no_reset).mean
+        from_first, from_second = step(obs, first, no_reset).mean, step(obs, second, no_reset).mean
+    torch.testing.assert_close(selected[mask], from_first[mask], rtol=0, atol=1e-12)
+    torch.testing.assert_close(selected[~mask], from_second[~mask], rtol=0, atol=1e-12)
+    if kind != "mlp" and kind != "mlp-1-layer":  # the histories differ where there is memory
+        assert not torch.allclose(from_first, from_second, atol=1e-6)

@@ -40,8 +40,11 @@ def test_every_config_parses_and_instantiates(config, tmp_path):
     assert cli.config["trainer"]["inference_mode"] is False
 
 
-@pytest.mark.parametrize(("overlay", "every_n_epochs"), [("official.yaml", 0), ("official_in_fit.yaml", 10)])
-def test_the_official_protocol_overlays_set_the_published_counts(overlay, every_n_epochs, tmp_path):
+@pytest.mark.parametrize(
+    ("overlay", "every_n_epochs", "extra"),
+    [("official.yaml", 0, {}), ("official_in_fit.yaml", 10, {}), ("official_adapted_state.yaml", 0, {"eval_state": "adapted"})],
+)
+def test_the_official_protocol_overlays_set_the_published_counts(overlay, every_n_epochs, extra, tmp_path):
     cli = MetaRLCLI(
         MetaRLModule,
         MetaTaskDataModule,
@@ -53,7 +56,7 @@ def test_the_official_protocol_overlays_set_the_published_counts(overlay, every_
     (evaluation,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, MetaWorldEvaluation)]
     assert evaluation.counts("ML10", cli.datamodule.max_episode_steps) == {
         "protocol": "official", "num_evals": None, "adaptation_episodes": 10, "evaluation_episodes": 3,
-        "envs_per_class": 1, "max_episode_steps": 500,
+        "envs_per_class": 1, "max_episode_steps": 500, **extra,
     }
     assert evaluation.every_n_epochs == every_n_epochs
 

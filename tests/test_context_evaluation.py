@@ -80,28 +80,40 @@ def _module(inner_steps: int) -> MetaRLModule:
     return MetaRLModule(policy, inner_steps=inner_steps, inner_lr=0.5)
 
 
-def _run(inner_steps: int, trial_memory: bool) -> tuple[RecordingAgent, StepSpy, MetaRLModule]:
+def _run(
+    inner_steps: int, trial_memory: bool, eval_state: str = "carry", evaluation_episodes: int = EVALUATION_EPISODES
+) -> tuple[RecordingAgent, StepSpy, MetaRLModule]:
     torch.set_num_threads(1)
     module = _module(inner_steps)
     envs = make_eval_envs(make_benchmark("ML1", "reach-v3", seed=0), "test", seed=0, max_episode_steps=STEPS)
     spy = StepSpy(envs)
     wrapped = ContextObservation(spy, SCALE)
     try:
-        agent = RecordingAgent(module, wrapped.num_envs, trial_memory=trial_memory)
+        agent = RecordingAgent(module, wrapped.num_envs, trial_memory=trial_memory, eval_state=eval_state)
         agent.tasks = []  # the constructor's own init() is not a task of the protocol
-        run_meta_learning(agent, wrapped, NUM_EVALS, ADAPTATION_EPISODES, EVALUATION_EPISODES)
+        run_meta_learning(agent, wrapped, NUM_EVALS, ADAPTATION_EPISODES, evaluation_episodes)
     finally:
         wrapped.close()
     return agent, spy, module
 
 
-def _replay(module: MetaRLModule, task: list, reset_every_episode: bool) -> list[torch.Tensor]:
-    """The policy's means over one task's observations, step by step from the zero state."""
+def _replay(
+    module: MetaRLModule, task: list, reset_every_episode: bool, restore_adapted: bool = False
+) -> list[torch.Tensor]:
+    """The policy's means over one task's observations, step by step from the zero state.
+
+    ``restore_adapted``: every evaluation episode starts from the state the adaptation phase left.
+    """
     policy = module.policy
     state = policy.initial_state(1)
     means = []
+    adapted = None
     for step, (phase, obs, _, _, params) in enumerate(task):
         starts_episode = step == 0 or obs[0, -1] == 1.0 or (phase == "eval" and task[step - 1][0] == "adapt")
+        if phase == "eval" and task[step - 1][0] == "adapt":
+            adapted = state
+        if restore_adapted and phase == "eval" and starts_episode:
+            state = adapted
         reset = torch.tensor([[step == 0 or (reset_every_episode and starts_episode)]])
         out = functional_call(policy, params, (torch.as_tensor(obs, dtype=torch.float32).unsqueeze(1), state, reset))
         state = out.state
@@ -132,6 +144,23 @@ def test_trial_memory_agent_carries_the_state_over_every_episode_of_a_task(inner
     theta = dict(module.policy.named_parameters())
     moved = sum((task[-1][4][k] - theta[k]).abs().sum().item() for k in theta)
     assert (moved > 0) == (inner_steps > 0)  # adapt() takes the inner step only when inner_steps > 0
+
+
+@pytest.mark.parametrize("inner_steps", [0, 1])
+def test_adapted_eval_state_starts_every_evaluation_episode_from_the_adapted_state(inner_steps: int) -> None:
+    agent, _, module = _run(inner_steps, trial_memory=True, eval_state="adapted", evaluation_episodes=3)
+    for task in agent.tasks:
+        assert [phase for phase, *_ in task].count("eval") == 3 * STEPS
+        means = _replay(module, task, reset_every_episode=False, restore_adapted=True)
+        for (phase, _, actions, _, _), mean in zip(task, means):
+            if phase == "eval":
+                torch.testing.assert_close(torch.as_tensor(actions, dtype=torch.float32), mean.clamp(-1, 1), rtol=0, atol=1e-5)
+    # Carrying the state on through the evaluation episodes acts differently in the later ones.
+    carried = _replay(module, agent.tasks[0], reset_every_episode=False)
+    last_eval = torch.as_tensor(agent.tasks[0][-1][2], dtype=torch.float32)
+    assert (last_eval - carried[-1].clamp(-1, 1)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="eval_state"):
+        MetaWorldAgent(module, 1, eval_state="fresh")
 
 
 def test_episode_memory_agent_zeroes_the_state_at_every_episode() -> None:

@@ -253,3 +253,11 @@ def test_sampled_eval_actions_are_labelled_and_differ_from_the_mean() -> None:
     again = MetaWorldAgent(module, 3, seed=1, sample_eval_actions=True).eval_action(obs)
     assert np.abs(sampled - mean).mean() > 0.3  # std 1 noise (clipped to the box)
     np.testing.assert_array_equal(sampled, again)  # seeded
+
+
+def test_adapted_eval_state_is_recorded_in_the_counts_and_checked() -> None:
+    counts = MetaWorldEvaluation(protocol="official", eval_state="adapted").counts("ML10", 500)
+    assert counts["eval_state"] == "adapted" and counts["num_evals"] is None  # the official counts stay
+    assert "eval_state" not in MetaWorldEvaluation(protocol="official").counts("ML10", 500)
+    with pytest.raises(ValueError, match="MetaWorldEvaluation.eval_state"):
+        MetaWorldEvaluation(eval_state="fresh")

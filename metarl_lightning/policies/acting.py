@@ -61,6 +61,16 @@ class ActingStep(Protocol):
     def __call__(self, obs: torch.Tensor, state: Any, reset: torch.Tensor) -> ActingOutput:
         """Act on ``obs`` ``[K, E, D]``; ``reset`` ``[K, E]`` bool zeroes the state first."""
 
+    def select_state(self, mask: torch.Tensor, where_true: Any, where_false: Any) -> Any:
+        """Per env, ``where_true``'s state where ``mask`` ``[K, E]`` is set, else ``where_false``'s
+        (both in this step's layout; e.g. restoring a saved state for the envs starting an episode)."""
+
+
+def select_sequence_state(mask: torch.Tensor, where_true: torch.Tensor, where_false: torch.Tensor) -> torch.Tensor:
+    """:meth:`ActingStep.select_state` for states in the sequence layout ``[K, E, *S]``."""
+    keep = mask.reshape(*mask.shape, *([1] * (where_true.dim() - mask.dim())))
+    return torch.where(keep, where_true, where_false)
+
 
 class GenericActingStep:
     """Any policy through its ``forward`` with ``T == 1``: vmap over agents, or one plain call.
@@ -108,6 +118,10 @@ class GenericActingStep:
             )
         out = batched_policy_forward(self.policy, self.stacked_params, obs.unsqueeze(2), state, reset.unsqueeze(2))
         return ActingOutput(out.mean[:, :, 0], out.log_std.expand_as(out.mean)[:, :, 0], out.value[:, :, 0], out.state)
+
+    def select_state(self, mask: torch.Tensor, where_true: torch.Tensor, where_false: torch.Tensor) -> torch.Tensor:
+        """See :class:`ActingStep` (this step's layout is the sequence layout)."""
+        return select_sequence_state(mask, where_true, where_false)
 
 
 class ParameterSets:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metarl_lightning.policies.acting import ActingOutput, NativeActingStep, apply_linear, prepare_linear
+from metarl_lightning.policies.acting import (
+    ActingOutput,
+    NativeActingStep,
+    apply_linear,
+    prepare_linear,
+    select_sequence_state,
+)
 from metarl_lightning.policies.base import ActorCritic, PolicyOutput, bounded_action_mean
 
 
@@ -61,6 +67,10 @@ class MLPActingStep(NativeActingStep):
     def initial_state(self, state: torch.Tensor | None = None) -> torch.Tensor:
         """Width-0 state ``[K, E, 0]`` (a stateless policy has nothing to start from)."""
         return torch.zeros(self.num_agents, self.envs_per_agent, 0, dtype=self.dtype, device=self.device)
+
+    def select_state(self, mask: torch.Tensor, where_true: torch.Tensor, where_false: torch.Tensor) -> torch.Tensor:
+        """See :class:`~metarl_lightning.policies.acting.ActingStep` (width 0: nothing to select)."""
+        return select_sequence_state(mask, where_true, where_false)
 
     def __call__(self, obs: torch.Tensor, state: torch.Tensor, reset: torch.Tensor) -> ActingOutput:
         """See :class:`~metarl_lightning.policies.acting.ActingStep`; ``reset`` is unused."""

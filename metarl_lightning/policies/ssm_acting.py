@@ -142,6 +142,18 @@ class SSMActingStep(NativeActingStep):
             for i in range(L)
         )
 
+    def select_state(
+        self, mask: torch.Tensor, where_true: tuple[torch.Tensor, ...], where_false: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, ...]:
+        """See :class:`~metarl_lightning.policies.acting.ActingStep`: env ``k * E + e`` is row
+        ``k' * M + m`` of every trunk's ``[K', M, N]`` block, as in the reset masking below."""
+        keep = mask.reshape(1, self.num_sets, -1, 1)  # (1, K', M, 1)
+        groups = (len(self.trunks), self.num_sets)
+        return tuple(
+            torch.where(keep, a.unflatten(0, groups), b.unflatten(0, groups)).flatten(0, 1)
+            for a, b in zip(where_true, where_false)
+        )
+
     def __call__(self, obs: torch.Tensor, state: tuple[torch.Tensor, ...], reset: torch.Tensor) -> ActingOutput:
         """See :class:`~metarl_lightning.policies.acting.ActingStep`."""
         K, E, D = obs.shape
