@@ -61,6 +61,30 @@ def test_the_official_protocol_overlays_set_the_published_counts(overlay, every_
     assert evaluation.every_n_epochs == every_n_epochs
 
 
+@pytest.mark.parametrize(
+    ("config", "benchmark", "overlay", "counts"),
+    [
+        ("ml1.yaml", "ML1", "reference_layout.yaml", {"num_evals": 5, "envs_per_class": 10}),
+        # 4 envs per class and 10 rounds: meta-batch 20 over 5 test classes, 5 x 40 goals / 20.
+        ("ml10_rl2.yaml", "ML10", "reference_layout_ml10.yaml", {"num_evals": 10, "envs_per_class": 4, "eval_state": "adapted"}),
+    ],
+)
+def test_the_reference_layout_overlays_set_the_reference_codes_counts(config, benchmark, overlay, counts, tmp_path):
+    cli = MetaRLCLI(
+        MetaRLModule,
+        MetaTaskDataModule,
+        run=False,
+        save_config_callback=None,
+        args=["--config", str(ROOT / "configs" / config), "--config", str(ROOT / "configs/eval" / overlay),
+              "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)],
+    )
+    (evaluation,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, MetaWorldEvaluation)]
+    assert evaluation.counts(benchmark, cli.datamodule.max_episode_steps) == {
+        "protocol": "custom", "adaptation_episodes": 10, "evaluation_episodes": 3, "max_episode_steps": 500, **counts,
+    }
+    assert evaluation.every_n_epochs == 0
+
+
 NAV2D = ["--config", str(ROOT / "configs/nav2d.yaml")]
 
 # name -> (arguments after `fit`, field named in the error, what the error says is allowed / wrong).
