@@ -40,21 +40,28 @@ def test_every_config_parses_and_instantiates(config, tmp_path):
     assert cli.config["trainer"]["inference_mode"] is False
 
 
-@pytest.mark.parametrize(
-    ("overlay", "every_n_epochs", "extra"),
-    [("official.yaml", 0, {}), ("official_in_fit.yaml", 10, {}), ("official_adapted_state.yaml", 0, {"eval_state": "adapted"})],
-)
-def test_the_official_protocol_overlays_set_the_published_counts(overlay, every_n_epochs, extra, tmp_path):
+def _evaluation_with_overlay(config: str, overlay: str, tmp_path) -> tuple[MetaWorldEvaluation, int | None]:
+    """The one MetaWorldEvaluation callback of ``configs/<config>`` under ``configs/eval/<overlay>``,
+    and the data module's episode length."""
     cli = MetaRLCLI(
         MetaRLModule,
         MetaTaskDataModule,
         run=False,
         save_config_callback=None,
-        args=["--config", str(ROOT / "configs/ml10.yaml"), "--config", str(ROOT / "configs/eval" / overlay),
+        args=["--config", str(ROOT / "configs" / config), "--config", str(ROOT / "configs/eval" / overlay),
               "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)],
     )
     (evaluation,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, MetaWorldEvaluation)]
-    assert evaluation.counts("ML10", cli.datamodule.max_episode_steps) == {
+    return evaluation, cli.datamodule.max_episode_steps
+
+
+@pytest.mark.parametrize(
+    ("overlay", "every_n_epochs", "extra"),
+    [("official.yaml", 0, {}), ("official_in_fit.yaml", 10, {}), ("official_adapted_state.yaml", 0, {"eval_state": "adapted"})],
+)
+def test_the_official_protocol_overlays_set_the_published_counts(overlay, every_n_epochs, extra, tmp_path):
+    evaluation, episode_steps = _evaluation_with_overlay("ml10.yaml", overlay, tmp_path)
+    assert evaluation.counts("ML10", episode_steps) == {
         "protocol": "official", "num_evals": None, "adaptation_episodes": 10, "evaluation_episodes": 3,
         "envs_per_class": 1, "max_episode_steps": 500, **extra,
     }
@@ -70,16 +77,8 @@ def test_the_official_protocol_overlays_set_the_published_counts(overlay, every_
     ],
 )
 def test_the_reference_layout_overlays_set_the_reference_codes_counts(config, benchmark, overlay, counts, tmp_path):
-    cli = MetaRLCLI(
-        MetaRLModule,
-        MetaTaskDataModule,
-        run=False,
-        save_config_callback=None,
-        args=["--config", str(ROOT / "configs" / config), "--config", str(ROOT / "configs/eval" / overlay),
-              "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)],
-    )
-    (evaluation,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, MetaWorldEvaluation)]
-    assert evaluation.counts(benchmark, cli.datamodule.max_episode_steps) == {
+    evaluation, episode_steps = _evaluation_with_overlay(config, overlay, tmp_path)
+    assert evaluation.counts(benchmark, episode_steps) == {
         "protocol": "custom", "adaptation_episodes": 10, "evaluation_episodes": 3, "max_episode_steps": 500, **counts,
     }
     assert evaluation.every_n_epochs == 0
