@@ -24,15 +24,21 @@ def test_there_are_configs():
     assert {"quickstart", "nav2d"} <= names
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_every_config_parses_and_instantiates(config, tmp_path):
-    cli = MetaRLCLI(
+def _parsed_cli(configs: list[Path], tmp_path) -> MetaRLCLI:
+    """The CLI of ``configs`` (applied in order), instantiated but not run, without a logger."""
+    args = [arg for config in configs for arg in ("--config", str(config))]
+    return MetaRLCLI(
         MetaRLModule,
         MetaTaskDataModule,
         run=False,
         save_config_callback=None,
-        args=["--config", str(config), "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)],
+        args=[*args, "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)],
     )
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_parses_and_instantiates(config, tmp_path):
+    cli = _parsed_cli([config], tmp_path)
     assert isinstance(cli.model, MetaRLModule)
     assert cli.model.policy.observation_dim == cli.datamodule.observation_dim
     assert cli.model.policy.action_dim == cli.datamodule.action_dim
@@ -43,14 +49,7 @@ def test_every_config_parses_and_instantiates(config, tmp_path):
 def _evaluation_with_overlay(config: str, overlay: str, tmp_path) -> tuple[MetaWorldEvaluation, int | None]:
     """The one MetaWorldEvaluation callback of ``configs/<config>`` under ``configs/eval/<overlay>``,
     and the data module's episode length."""
-    cli = MetaRLCLI(
-        MetaRLModule,
-        MetaTaskDataModule,
-        run=False,
-        save_config_callback=None,
-        args=["--config", str(ROOT / "configs" / config), "--config", str(ROOT / "configs/eval" / overlay),
-              "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)],
-    )
+    cli = _parsed_cli([ROOT / "configs" / config, ROOT / "configs/eval" / overlay], tmp_path)
     (evaluation,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, MetaWorldEvaluation)]
     return evaluation, cli.datamodule.max_episode_steps
 
