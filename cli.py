@@ -38,7 +38,7 @@ from callbacks.mlflow_run import CHECKPOINT_KEY, MLflowRunCallback
 from callbacks.progress import MetaRLProgressBar
 from callbacks.results import ResultsWriter
 from metarl_lightning.checks import checkpoint as ckpt_rule
-from metarl_lightning.checks.config import check_benchmark, check_model, check_policy, check_trainer
+from metarl_lightning.checks.config import check_benchmark, check_lr_schedule, check_model, check_policy, check_trainer
 from metarl_lightning.checks.resources import METAWORLD_ENV_BYTES, available_memory_bytes, check_memory, check_writable_dir, estimate_memory
 from metarl_lightning.checks.run_lock import acquire_run_lock, is_primary_process
 from metarl_lightning.checks.tracking import check_tracking_uri
@@ -261,6 +261,7 @@ class MetaRLCLI(LightningCLI):
         check_trainer(config.trainer)
         check_policy(config.model.get("policy") or {})
         check_model(config.model, config.data)
+        check_lr_schedule(config.model, config.trainer)
         check_benchmark(config.data, fit=self.subcommand in (None, "fit"))
         if self.subcommand:  # a run writes; `run=False` (tests, notebooks) only builds
             check_writable_dir(config.trainer.default_root_dir, "trainer.default_root_dir")

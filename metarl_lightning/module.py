@@ -24,6 +24,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from metarl_lightning.algorithms.lr_schedule import linear_lr_factor
 from metarl_lightning.algorithms.maml import agent_chunks, inner_update, stack_for_agents
 from metarl_lightning.algorithms.ppo import PPOLoss, weighted_mean_loss
 from metarl_lightning.algorithms.std_schedule import project_log_std, std_ceiling
@@ -104,6 +105,11 @@ class MetaRLModule(L.LightningModule):
             (a differentiable clamp after the inner step): the support rollouts explore with
             theta's std, the query rollouts and the outer loss are those of a near-deterministic
             adapted policy, as the protocol scores it (explore, then exploit).
+        meta_lr_final: anneal the outer optimiser's learning rate linearly, every group alike,
+            from its start value (``meta_lr``, ``ssm_lr``) at the first iteration to
+            ``meta_lr_final / meta_lr`` times it at ``trainer.max_epochs``
+            (:mod:`metarl_lightning.algorithms.lr_schedule`; 0.0 is PPO's usual anneal to zero).
+            ``null``: constant. A resumed run keeps the schedule only with the same ``max_epochs``.
         outer_env_minibatches: split every agent's ``E`` query envs into this many groups and take
             one optimiser step per group (times the agent minibatches) per PPO epoch: PPO's
             minibatches over trajectories, every step seeing every task (multi-task PPO needs this:
@@ -151,6 +157,7 @@ class MetaRLModule(L.LightningModule):
         std_ceiling: float | None = None,
         std_ceiling_epochs: int = 10,
         std_ceiling_on: Literal["policy", "adapted"] = "policy",
+        meta_lr_final: float | None = None,
     ) -> None:
         super().__init__()
         require(meta_lr > 0, "model.meta_lr", f"must be > 0, got {meta_lr}")
@@ -180,6 +187,11 @@ class MetaRLModule(L.LightningModule):
         require(std_ceiling is None or 0 < std_ceiling <= 1, "model.std_ceiling", f"must be in (0, 1] or null, got {std_ceiling}")
         require(std_ceiling_on in ("policy", "adapted"), "model.std_ceiling_on", f"must be 'policy' or 'adapted', got {std_ceiling_on!r}")
         require(std_ceiling_epochs >= 1, "model.std_ceiling_epochs", f"must be >= 1, got {std_ceiling_epochs}")
+        require(
+            meta_lr_final is None or 0 <= meta_lr_final <= meta_lr,
+            "model.meta_lr_final",
+            f"must be in [0, model.meta_lr={meta_lr}] or null, got {meta_lr_final}",
+        )
         require(
             outer_optimizer == "ppo" or (outer_minibatch_size is None and outer_env_minibatches == 1),
             "model.outer_optimizer",
@@ -220,13 +232,34 @@ class MetaRLModule(L.LightningModule):
                 {
                     "name": group_name,
                     "params": [named[n] for n in names],
-                    "lr": (self.hparams.ssm_lr or self.hparams.meta_lr) if is_ssm else self.hparams.meta_lr,
+                    "lr": self._base_lr(group_name),
                     "weight_decay": 0.0 if is_ssm else self.hparams.weight_decay,
                 }
             )
         if len(self.inner_log_lrs):
-            groups.append({"name": "inner_lr", "params": list(self.inner_log_lrs.values()), "lr": self.hparams.meta_lr, "weight_decay": 0.0})
+            groups.append({"name": "inner_lr", "params": list(self.inner_log_lrs.values()), "lr": self._base_lr("inner_lr"), "weight_decay": 0.0})
         return torch.optim.AdamW(groups, lr=self.hparams.meta_lr)
+
+    def _base_lr(self, group_name: str) -> float:
+        """A parameter group's learning rate before any schedule: ``ssm_lr`` for the SSM group (when
+        set), ``meta_lr`` for every other."""
+        if group_name == "ssm" and self.hparams.ssm_lr:
+            return self.hparams.ssm_lr
+        return self.hparams.meta_lr
+
+    def _schedule_lr(self, optimizer: Any) -> float | None:
+        """Set this iteration's learning rates (``model.meta_lr_final``); the multiplier, or ``None``
+        when the rate is constant. Set from the epoch, not stepped: a resumed run needs no
+        scheduler state."""
+        final = self.hparams.get("meta_lr_final")
+        if final is None:
+            return None
+        total = self.trainer.max_epochs
+        require(total is not None and total >= 1, "model.meta_lr_final", f"anneals over trainer.max_epochs: set it >= 1, got {total}")
+        factor = linear_lr_factor(self.current_epoch, total, final / self.hparams.meta_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = self._base_lr(group.get("name", "")) * factor
+        return factor
 
     def inner_step_sizes(self) -> float | dict[str, torch.Tensor]:
         """The inner step: ``inner_lr``, or the learned per-element step sizes (Meta-SGD)."""
@@ -348,6 +381,7 @@ class MetaRLModule(L.LightningModule):
         collect_seconds = time.perf_counter() - started
 
         optimizer = self.optimizers()
+        lr_factor = self._schedule_lr(optimizer)
         losses: list[PPOLoss] = []
         grad_norms: list[torch.Tensor] = []
         trpo: dict[str, torch.Tensor] = {}
@@ -386,6 +420,8 @@ class MetaRLModule(L.LightningModule):
         self.env_steps += steps_this_iteration
         elapsed = time.perf_counter() - started
         metrics = {} if ceiling is None else {"train/std_ceiling": torch.tensor(ceiling)}
+        if lr_factor is not None:
+            metrics["train/meta_lr"] = torch.tensor(self.hparams.meta_lr * lr_factor)
         metrics |= {
             "train/pre_adaptation_return": support.episode_return.mean(),
             "train/post_adaptation_return": query.episode_return.mean(),

@@ -104,6 +104,8 @@ BAD_INPUTS = {
     "width 0": ([*NAV2D, "--model.policy.init_args.hidden_dim", "0"], "model.policy.init_args.hidden_dim", ">= 1"),
     "negative SSM width": ([*NAV2D, "--model.policy.init_args.state_dim", "-4"], "model.policy.init_args.state_dim", ">= 1"),
     "max_epochs -5": ([*NAV2D, "--trainer.max_epochs", "-5"], "trainer.max_epochs", ">= 0"),
+    "lr annealed over no epoch count": ([*NAV2D, "--model.meta_lr_final", "0", "--trainer.max_epochs", "-1"], "trainer.max_epochs", "meta_lr_final"),
+    "final lr above the start": ([*NAV2D, "--model.meta_lr_final", "0.1"], "model.meta_lr_final", "[0, model.meta_lr"),
     "validation every 0 epochs": ([*NAV2D, "--trainer.check_val_every_n_epoch", "0"], "trainer.check_val_every_n_epoch", ">= 1"),
     "episodes of 1e9 steps": ([*NAV2D, "--data.max_episode_steps", "1000000000"], "data", "is available"),
     "1000 eval tasks on ML1": (["--config", str(ROOT / "configs/ml1.yaml"), "--data.num_eval_tasks", "1000"], "data", "evaluation envs"),

@@ -23,6 +23,19 @@ def check_trainer(trainer: Mapping[str, Any]) -> None:
     require(min_epochs is None or min_epochs >= 0, "trainer.min_epochs", f"must be >= 0, got {min_epochs}")
 
 
+def check_lr_schedule(model: Mapping[str, Any], trainer: Mapping[str, Any]) -> None:
+    """An annealed learning rate (``model.meta_lr_final``) falls over ``trainer.max_epochs``, which
+    must then be a number of epochs (not -1, unbounded)."""
+    if model.get("meta_lr_final") is None:
+        return
+    max_epochs = trainer.get("max_epochs")
+    require(
+        isinstance(max_epochs, int) and max_epochs >= 1,
+        "trainer.max_epochs",
+        f"model.meta_lr_final anneals the learning rate over it: set it >= 1, got {max_epochs}",
+    )
+
+
 def check_policy(policy: Mapping[str, Any]) -> None:
     """Positive sizes: widths, state sizes, layer counts, MLP hidden sizes."""
     init_args = dict(policy.get("init_args") or {})
