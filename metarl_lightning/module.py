@@ -28,6 +28,7 @@ from metarl_lightning.algorithms.lr_schedule import linear_lr_factor
 from metarl_lightning.algorithms.maml import agent_chunks, inner_update, stack_for_agents
 from metarl_lightning.algorithms.ppo import PPOLoss, weighted_mean_loss
 from metarl_lightning.algorithms.std_schedule import project_log_std, std_ceiling
+from metarl_lightning.checks.config import check_lr_schedule
 from metarl_lightning.errors import require
 from metarl_lightning.meta_batch import MetaBatch
 from metarl_lightning.objectives import PPOSettings, agents_ppo_loss
@@ -254,12 +255,15 @@ class MetaRLModule(L.LightningModule):
         final = self.hparams.get("meta_lr_final")
         if final is None:
             return None
-        total = self.trainer.max_epochs
-        require(total is not None and total >= 1, "model.meta_lr_final", f"anneals over trainer.max_epochs: set it >= 1, got {total}")
-        factor = linear_lr_factor(self.current_epoch, total, final / self.hparams.meta_lr)
+        factor = linear_lr_factor(self.current_epoch, self.trainer.max_epochs, final / self.hparams.meta_lr)
         for group in optimizer.param_groups:
             group["lr"] = self._base_lr(group.get("name", "")) * factor
         return factor
+
+    def on_fit_start(self) -> None:
+        """The schedule's epoch count, once: the CLI checks it before anything is built, this covers
+        a Trainer built in code."""
+        check_lr_schedule(self.hparams, {"max_epochs": self.trainer.max_epochs})
 
     def inner_step_sizes(self) -> float | dict[str, torch.Tensor]:
         """The inner step: ``inner_lr``, or the learned per-element step sizes (Meta-SGD)."""

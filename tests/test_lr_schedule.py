@@ -54,6 +54,10 @@ def test_the_rate_is_constant_by_default_and_the_final_rate_is_checked():
     optimizer = module.configure_optimizers()
     assert module._schedule_lr(optimizer) is None
     assert {group["lr"] for group in optimizer.param_groups} == {1e-3}
+    # A Trainer built in code with no epoch count: refused before the first iteration, as the CLI does.
+    data = MetaTaskDataModule("nav2d", seed=0, meta_batch_size=2, rollouts_per_task=2, max_episode_steps=10)
+    with pytest.raises(ConfigError, match="trainer.max_epochs: model.meta_lr_final"):
+        quiet_trainer(-1, [], max_steps=1).fit(MetaRLModule(MLPActorCritic(2, 2), meta_lr=1e-3, meta_lr_final=0.0), data)
     for bad in (-1e-4, 2e-3):
         with pytest.raises(ConfigError, match="model.meta_lr_final"):
             MetaRLModule(MLPActorCritic(2, 2), meta_lr=1e-3, meta_lr_final=bad)
