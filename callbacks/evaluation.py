@@ -1,8 +1,8 @@
 """Meta-World's official evaluation protocol as a Lightning callback.
 
 Runs ``metarl_lightning.evaluation`` (``metaworld.evaluation`` unchanged, through our adapter) every
-``every_n_epochs`` training epochs and, for the ``validate`` / ``test`` subcommands, once at the end of
-their epoch. Logs ``eval/success_rate``, ``eval/return`` and ``eval/success/<task>``.
+``every_n_epochs`` training epochs (and after the last one with ``at_fit_end``) and, for the
+``validate`` / ``test`` subcommands, once at the end of their epoch. Logs ``eval/success_rate``, ``eval/return`` and ``eval/success/<task>``.
 
 Distributed: the evaluation runs on rank 0 only (its cost does not shrink with more ranks, and the
 protocol is one sequential loop); the result is then broadcast and *every* rank logs the same
@@ -60,6 +60,9 @@ class MetaWorldEvaluation(Callback):
             evaluation episode starts: ``carry`` (where the previous episode ended: one trial from the
             first adaptation episode to the last evaluation episode) or ``adapted`` (the state the
             adaptation episodes left, as the Meta-World+ reference RL^2 agent; recorded in the counts).
+        at_fit_end: also evaluate after the last training epoch of ``fit`` (``trainer.max_epochs``),
+            whatever ``every_n_epochs`` says: one number at the end of a run, whatever its budget
+            (``configs/eval/official_at_end.yaml``). Never twice for the same epoch.
         on_validate: also evaluate at the end of the ``validate`` subcommand.
         on_test: also evaluate at the end of the ``test`` subcommand.
     """
@@ -79,6 +82,7 @@ class MetaWorldEvaluation(Callback):
         envs_per_class: int = 1,
         eval_actions: Literal["mean", "sample"] = "mean",
         eval_state: Literal["carry", "adapted"] = "carry",
+        at_fit_end: bool = False,
         on_validate: bool = True,
         on_test: bool = True,
     ) -> None:
@@ -108,6 +112,7 @@ class MetaWorldEvaluation(Callback):
         self.envs_per_class = envs_per_class
         self.eval_actions = eval_actions
         self.eval_state = eval_state
+        self.at_fit_end = at_fit_end
         self.on_validate = on_validate
         self.on_test = on_test
         self._skip_noted = False
@@ -135,8 +140,12 @@ class MetaWorldEvaluation(Callback):
 
     # ------------------------------------------------------------------------------------ hooks
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Evaluate after every ``every_n_epochs``-th training epoch."""
-        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        """Evaluate after every ``every_n_epochs``-th training epoch (and the last, with ``at_fit_end``)."""
+        epoch = trainer.current_epoch + 1
+        periodic = bool(self.every_n_epochs) and epoch % self.every_n_epochs == 0
+        # max_epochs -1 (or None) has no last epoch to recognise: at_fit_end then never fires.
+        last = self.at_fit_end and trainer.max_epochs is not None and epoch == trainer.max_epochs
+        if periodic or last:
             self._evaluate_and_log(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

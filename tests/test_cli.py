@@ -56,10 +56,16 @@ def _evaluation_with_overlay(config: str, overlay: str, tmp_path) -> tuple[MetaW
 
 @pytest.mark.parametrize(
     ("overlay", "every_n_epochs", "extra"),
-    [("official.yaml", 0, {}), ("official_in_fit.yaml", 10, {}), ("official_adapted_state.yaml", 0, {"eval_state": "adapted"})],
+    [
+        ("official.yaml", 0, {}),
+        ("official_in_fit.yaml", 10, {}),
+        ("official_at_end.yaml", 0, {}),
+        ("official_adapted_state.yaml", 0, {"eval_state": "adapted"}),
+    ],
 )
 def test_the_official_protocol_overlays_set_the_published_counts(overlay, every_n_epochs, extra, tmp_path):
     evaluation, episode_steps = _evaluation_with_overlay("ml10.yaml", overlay, tmp_path)
+    assert evaluation.at_fit_end is (overlay == "official_at_end.yaml")
     assert evaluation.counts("ML10", episode_steps) == {
         "protocol": "official", "num_evals": None, "adaptation_episodes": 10, "evaluation_episodes": 3,
         "envs_per_class": 1, "max_episode_steps": 500, **extra,

@@ -204,6 +204,27 @@ def test_callback_logs_eval_metrics_and_skips_nav2d() -> None:
         MetaWorldEvaluation(num_evals=0)
 
 
+@pytest.mark.parametrize(
+    ("every_n_epochs", "at_fit_end", "max_epochs", "evaluated_after"),
+    [
+        (0, True, 5, [5]),  # only the last epoch
+        (2, True, 5, [2, 4, 5]),  # the periodic ones and the last
+        (5, True, 5, [5]),  # both at the last epoch: once
+        (2, False, 5, [2, 4]),  # off: the periodic ones only
+        (0, True, -1, []),  # no last epoch to recognise
+    ],
+)
+def test_at_fit_end_evaluates_after_the_last_training_epoch_once(every_n_epochs, at_fit_end, max_epochs, evaluated_after):
+    callback = MetaWorldEvaluation(every_n_epochs=every_n_epochs, at_fit_end=at_fit_end)
+    evaluated: list[int] = []
+    callback._evaluate_and_log = lambda trainer, module: evaluated.append(trainer.current_epoch + 1)
+    trainer = SimpleNamespace(current_epoch=0, max_epochs=max_epochs)
+    for epoch in range(5):
+        trainer.current_epoch = epoch
+        callback.on_train_epoch_end(trainer, None)
+    assert evaluated == evaluated_after
+
+
 def test_official_protocol_counts_are_the_published_ones_whatever_the_arguments() -> None:
     callback = MetaWorldEvaluation(protocol="official", num_evals=2, adaptation_episodes=1, evaluation_episodes=1,
                                    max_episode_steps=30, envs_per_class=4)
