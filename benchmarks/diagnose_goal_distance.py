@@ -26,11 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import metarl_lightning.evaluation as evaluation  # noqa: E402
+from callbacks.evaluation import MetaWorldEvaluation  # noqa: E402
 from cli import MetaRLCLI  # noqa: E402
 from metarl_lightning.data import MetaTaskDataModule  # noqa: E402
 from metarl_lightning.module import MetaRLModule  # noqa: E402
 
 SUCCESS_RADIUS = 0.05
+# The published counts, as the callback's `protocol: official` runs them (one env per class).
+ADAPTATION_EPISODES = MetaWorldEvaluation.OFFICIAL_ML["adaptation_episodes"]
+EVALUATION_EPISODES = MetaWorldEvaluation.OFFICIAL_ML["evaluation_episodes"]
 
 
 class DistanceRecorder:
@@ -84,15 +88,16 @@ def run(module: MetaRLModule, seed: int, num_goals: int | None, sample: bool) ->
     evaluation.make_eval_envs = recording_envs
     try:
         result = evaluation.evaluate_meta_learning(
-            module, "ML1", "reach-v3", seed=seed, num_evals=num_goals, sample_eval_actions=sample
+            module, "ML1", "reach-v3", seed=seed, num_evals=num_goals, adaptation_episodes=ADAPTATION_EPISODES,
+            evaluation_episodes=EVALUATION_EPISODES, sample_eval_actions=sample,
         )
     finally:
         evaluation.make_eval_envs = make
     (recorder,) = recorders
-    # One env: per goal, 10 adaptation episodes then 3 evaluation episodes (metaworld's order).
-    per_goal = 13
+    # One env: per goal, the adaptation episodes then the evaluation episodes (metaworld's order).
+    per_goal = ADAPTATION_EPISODES + EVALUATION_EPISODES
     episodes = recorder.episodes[0]
-    evals = [e for g in range(len(episodes) // per_goal) for e in episodes[g * per_goal + 10 : (g + 1) * per_goal]]
+    evals = [e for g in range(0, len(episodes) - per_goal + 1, per_goal) for e in episodes[g + ADAPTATION_EPISODES : g + per_goal]]
     mins = np.array([e[0] for e in evals])
     ends = np.array([e[1] for e in evals])
     return {

@@ -2,7 +2,8 @@
 
 Runs ``metarl_lightning.evaluation`` (``metaworld.evaluation`` unchanged, through our adapter) every
 ``every_n_epochs`` training epochs (and after the last one with ``at_fit_end``) and, for the
-``validate`` / ``test`` subcommands, once at the end of their epoch. Logs ``eval/success_rate``, ``eval/return`` and ``eval/success/<task>``.
+``validate`` / ``test`` subcommands, once at the end of their epoch. Logs ``eval/success_rate``,
+``eval/return`` and ``eval/success/<task>``.
 
 Distributed: the evaluation runs on rank 0 only (its cost does not shrink with more ranks, and the
 protocol is one sequential loop); the result is then broadcast and *every* rank logs the same
