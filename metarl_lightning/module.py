@@ -121,6 +121,13 @@ class MetaRLModule(L.LightningModule):
             on each task's own rollouts, the reference MAML recipe: a meta-learned critic cannot know
             a hidden goal before adaptation, a baseline fitted on the task's data can). The critic is
             trained in either case.
+        success_bonus: added to the reward of every step where Meta-World's ``info['success']`` holds,
+            in the *outer* objective only (the query rollouts' advantages; with ``inner_steps: 0``
+            the one rollout's). The inner step, the context inputs, the logged returns and the
+            evaluation all see the env's own reward. Why: reach's v2 reward is long-tailed and
+            nearly flat within a few cm of the success radius, so the return hardly tells a near
+            miss from a success, while the protocol counts only successes (docs/results.md).
+            0: off (the default; every published number of this project was made without it).
         adapt_ssm_parameters: also adapt the SSM group (Lambda, log-step, B) in the inner loop. Off
             by default: they are meta-learned in the outer loop only (one inner step on the state
             matrix's eigenvalues changes the dynamics of every time step at once); the SSM runs
@@ -159,6 +166,7 @@ class MetaRLModule(L.LightningModule):
         std_ceiling_epochs: int = 10,
         std_ceiling_on: Literal["policy", "adapted"] = "policy",
         meta_lr_final: float | None = None,
+        success_bonus: float = 0.0,
     ) -> None:
         super().__init__()
         require(meta_lr > 0, "model.meta_lr", f"must be > 0, got {meta_lr}")
@@ -188,6 +196,7 @@ class MetaRLModule(L.LightningModule):
         require(std_ceiling is None or 0 < std_ceiling <= 1, "model.std_ceiling", f"must be in (0, 1] or null, got {std_ceiling}")
         require(std_ceiling_on in ("policy", "adapted"), "model.std_ceiling_on", f"must be 'policy' or 'adapted', got {std_ceiling_on!r}")
         require(std_ceiling_epochs >= 1, "model.std_ceiling_epochs", f"must be >= 1, got {std_ceiling_epochs}")
+        require(success_bonus >= 0, "model.success_bonus", f"must be >= 0, got {success_bonus}")
         require(
             meta_lr_final is None or 0 <= meta_lr_final <= meta_lr,
             "model.meta_lr_final",
@@ -320,8 +329,11 @@ class MetaRLModule(L.LightningModule):
         noise: torch.Tensor,
         num_steps: int,
         after: Rollout | None = None,
+        outer: bool = False,
     ) -> Rollout:
         """Roll out with per-agent ``params`` (``None``: all agents act with theta) and add GAE.
+
+        ``outer``: the rollout feeds the outer objective (its advantages take ``success_bonus``).
 
         ``after``: a rollout (acted with theta) whose trials this one continues (``query_state:
         carry``): its final state and context inputs are where every env starts.
@@ -332,7 +344,7 @@ class MetaRLModule(L.LightningModule):
         rollout = collector.collect(
             self.policy, detached, num_steps, noise, start_state=start_state, start_context=start_context, with_values=self.uses_critic
         )
-        self.compute_advantages(rollout)
+        self.compute_advantages(rollout, outer=outer)
         return rollout
 
     @torch.no_grad()
@@ -342,10 +354,12 @@ class MetaRLModule(L.LightningModule):
         out = self.policy(rollout.observations.flatten(0, 1), rollout.initial_state.flatten(0, 1), rollout.resets.flatten(0, 1))
         return out.state.reshape(K, E, *out.state.shape[1:])
 
-    def compute_advantages(self, rollout: Rollout) -> None:
-        """GAE with the module's gamma, lambda, reward scale and baseline (training and evaluation)."""
+    def compute_advantages(self, rollout: Rollout, outer: bool = False) -> None:
+        """GAE with the module's gamma, lambda, reward scale and baseline (training and evaluation);
+        ``outer``: for the outer objective, with ``success_bonus`` added to the rewards."""
         hp = self.hparams
-        rollout.compute_advantages(hp.gamma, hp.gae_lambda, self.reward_scale, hp.get("baseline", "critic"))
+        bonus = hp.get("success_bonus", 0.0) if outer else 0.0
+        rollout.compute_advantages(hp.gamma, hp.gae_lambda, self.reward_scale, hp.get("baseline", "critic"), success_bonus=bonus)
 
     def adapt_and_collect(
         self, batch: MetaBatch, collector: RolloutCollector, num_steps: int, query_state: str = "fresh"
@@ -359,7 +373,7 @@ class MetaRLModule(L.LightningModule):
         """
         collector.env.set_tasks(batch.tasks)
         if self.hparams.inner_steps == 0:
-            query = self._collect(collector, None, batch.query_noise, num_steps)
+            query = self._collect(collector, None, batch.query_noise, num_steps, outer=True)
             return query, query
         support = self._collect(collector, None, batch.support_noise, num_steps)
         pieces = []
@@ -371,7 +385,9 @@ class MetaRLModule(L.LightningModule):
                 leaf = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
                 pieces.append({k: v.detach() for k, v in self._adapt(leaf, chunk, first_order=True).items()})
         adapted = pieces[0] if len(pieces) == 1 else {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
-        query = self._collect(collector, adapted, batch.query_noise, num_steps, after=support if query_state == "carry" else None)
+        query = self._collect(
+            collector, adapted, batch.query_noise, num_steps, after=support if query_state == "carry" else None, outer=True
+        )
         return support, query
 
     def training_step(self, batch: MetaBatch, batch_idx: int) -> None:

@@ -52,6 +52,8 @@ class Rollout:
         returns: ``[K, E, T]`` value targets (set by :meth:`compute_advantages`).
         final_context: ``[K, E, C]`` with context inputs: what the step after the last one would
             see (the last action, reward and done flag), for a trial that goes on in another rollout.
+        successes: ``[K, E, T]`` bool, Meta-World's ``info['success']`` at each step (``None`` where
+            the rollout did not come from the collector, e.g. the protocol's adaptation episodes).
     """
 
     observations: torch.Tensor
@@ -69,6 +71,7 @@ class Rollout:
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
     final_context: torch.Tensor | None = None
+    successes: torch.Tensor | None = None
 
     @property
     def num_steps(self) -> int:
@@ -104,16 +107,28 @@ class Rollout:
         return trial_episode_returns(self.rewards, self.terminated, self.truncated, self.resets)
 
     def compute_advantages(
-        self, gamma: float, gae_lambda: float, reward_scale: float = 1.0, baseline: BaselineKind = "critic"
+        self,
+        gamma: float,
+        gae_lambda: float,
+        reward_scale: float = 1.0,
+        baseline: BaselineKind = "critic",
+        success_bonus: float = 0.0,
     ) -> None:
         """Fill ``advantages`` and ``returns`` with GAE over the time dimension.
 
         ``reward_scale`` multiplies the rewards first, so the value function learns scaled returns
         (``episode_return`` stays in the env's units). ``baseline`` picks the values GAE subtracts:
         the policy's critic as recorded while acting, or a linear feature baseline fitted on each
-        agent's own rollout (:mod:`~metarl_lightning.algorithms.baselines`).
+        agent's own rollout (:mod:`~metarl_lightning.algorithms.baselines`). ``success_bonus``
+        (env reward units) is added to the reward of every step with a success (needs
+        ``successes``); the logged returns never include it.
         """
-        rewards = self.rewards * reward_scale
+        rewards = self.rewards
+        if success_bonus:
+            if self.successes is None:
+                raise ValueError("compute_advantages: success_bonus needs the rollout's per-step successes")
+            rewards = rewards + success_bonus * self.successes.to(rewards.dtype)
+        rewards = rewards * reward_scale
         terminated, truncated = self.value_boundaries()
         if baseline == "linear":
             values, next_values = linear_baseline_values(self.observations, rewards, terminated, truncated, gamma)
@@ -188,6 +203,7 @@ class _Lane:
         self.no_reset: torch.Tensor | None = None
         self.final_context: torch.Tensor | None = None  # [K_lane, E, C], with context inputs
         self.rewards = np.empty((num_steps, n), dtype=np.float32)
+        self.successes = np.empty((num_steps, n), dtype=bool)
         self.terminated = np.empty((num_steps, n), dtype=bool)
         self.truncated = np.empty((num_steps, n), dtype=bool)
         self.resets = np.empty((num_steps, n), dtype=bool)
@@ -199,6 +215,7 @@ class _Lane:
         """Record the env side of step ``t``; returns which envs finished an episode (``episodes``
         then counts it)."""
         self.rewards[t], self.terminated[t], self.truncated[t] = result.reward, result.terminated, result.truncated
+        self.successes[t] = result.success
         self.episode_return += result.reward
         self.episode_success |= result.success
         done = result.terminated | result.truncated
@@ -512,4 +529,5 @@ class RolloutCollector:
             episode_return=torch.as_tensor(per_env_return.reshape(K, E).mean(1), dtype=dtype, device=device),
             episode_success=torch.as_tensor(per_env_success.reshape(K, E).mean(1), dtype=dtype, device=device),
             final_context=torch.cat([lane.final_context for lane in lanes]) if with_context else None,
+            successes=steps_last([lane.successes for lane in lanes]),
         )
