@@ -333,10 +333,9 @@ class MetaRLModule(L.LightningModule):
     ) -> Rollout:
         """Roll out with per-agent ``params`` (``None``: all agents act with theta) and add GAE.
 
-        ``outer``: the rollout feeds the outer objective (its advantages take ``success_bonus``).
-
         ``after``: a rollout (acted with theta) whose trials this one continues (``query_state:
-        carry``): its final state and context inputs are where every env starts.
+        carry``): its final state and context inputs are where every env starts. ``outer``: the
+        rollout feeds the outer objective (its advantages take ``success_bonus``).
         """
         detached = None if params is None else {k: v.detach() for k, v in params.items()}
         start_state = None if after is None else self._final_state(after)

@@ -7,6 +7,7 @@ import torch
 
 from metarl_lightning.algorithms.maml import stack_for_agents
 from metarl_lightning.envs.navigation import Navigation2DVectorEnv
+from metarl_lightning.errors import ConfigError
 from metarl_lightning.module import MetaRLModule
 from metarl_lightning.policies import MLPActorCritic
 from metarl_lightning.rollouts import Rollout, RolloutCollector
@@ -98,7 +99,5 @@ def test_module_adds_the_bonus_to_the_outer_objective_only():
 
 
 def test_negative_bonus_names_the_field():
-    from metarl_lightning.errors import ConfigError
-
     with pytest.raises(ConfigError, match="model.success_bonus"):
         MetaRLModule(MLPActorCritic(4, 2), success_bonus=-1.0)
