@@ -8,6 +8,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from callbacks.atomic_io import write_atomic
+from callbacks.protocol_split import is_train_split
 
 STEPS = "env steps (millions)"
 
@@ -20,7 +21,7 @@ def _series(entries: list[dict[str, Any]], key: str) -> tuple[list[float], list[
 
 def plot_training_curves(results: dict[str, Any], path: str) -> None:
     """Three panels against env steps: returns (train and eval, pre/post adaptation), success rates
-    (the official protocol's in black), meta-loss.
+    (the official protocol's in black, on the training goals in purple), meta-loss.
 
     Drawn on a bare :class:`Figure` (no pyplot): no global state, no display needed. Written atomically.
     """
@@ -39,10 +40,12 @@ def plot_training_curves(results: dict[str, Any], path: str) -> None:
         success.plot(*_series(evaluation, key), marker=marker, color="tab:green", linestyle="--" if "pre" in key else "-", label=label)
     for key, style, label in (("post_adaptation_success", "-", "train post"),):
         success.plot(*_series(train, key), style, color="tab:gray", alpha=0.6, label=label)
-    protocol = results.get("protocol", [])
-    if protocol:
-        name = protocol[-1].get("counts", {}).get("protocol", "")
-        success.plot(*_series(protocol, "success_rate"), marker="D", color="black", label=f"metaworld eval ({name})")
+    entries = results.get("protocol", [])
+    for protocol, color, goals in (([e for e in entries if not is_train_split(e)], "black", ""),
+                                   ([e for e in entries if is_train_split(e)], "tab:purple", ", training goals")):
+        if protocol:
+            name = protocol[-1].get("counts", {}).get("protocol", "")
+            success.plot(*_series(protocol, "success_rate"), marker="D", color=color, label=f"metaworld eval ({name}{goals})")
     success.set(title="Success rate", xlabel=STEPS, ylabel="fraction of episodes", ylim=(-0.05, 1.05))
 
     loss.plot(*_series(train, "meta_loss"), color="tab:red", label="meta-loss")

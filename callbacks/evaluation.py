@@ -3,7 +3,8 @@
 Runs ``metarl_lightning.evaluation`` (``metaworld.evaluation`` unchanged, through our adapter) every
 ``every_n_epochs`` training epochs (and after the last one with ``at_fit_end``) and, for the
 ``validate`` / ``test`` subcommands, once at the end of their epoch. Logs ``eval/success_rate``,
-``eval/return`` and ``eval/success/<task>``.
+``eval/return`` and ``eval/success/<task>`` (``eval_train/...`` for ``split: train``: the protocol on
+the training classes and goals).
 
 Distributed: the evaluation runs on rank 0 only (its cost does not shrink with more ranks, and the
 protocol is one sequential loop); the result is then broadcast and *every* rank logs the same
@@ -28,6 +29,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks.protocol_split import metric_prefix
 from callbacks.results import ResultsWriter
 from metarl_lightning.evaluation import evaluate_meta_learning, evaluate_multi_task
 
@@ -61,6 +63,10 @@ class MetaWorldEvaluation(Callback):
             evaluation episode starts: ``carry`` (where the previous episode ended: one trial from the
             first adaptation episode to the last evaluation episode) or ``adapted`` (the state the
             adaptation episodes left, as the Meta-World+ reference RL^2 agent; recorded in the counts).
+        split: ML only: ``test`` (the held-out classes and goals: meta-test success) or ``train``
+            (the same protocol on the training classes and goals: meta-train success, logged as
+            ``eval_train/...`` and recorded in the counts). MT benchmarks evaluate their training
+            tasks either way.
         at_fit_end: also evaluate after the last training epoch of ``fit`` (``trainer.max_epochs``),
             whatever ``every_n_epochs`` says: one number at the end of a run, whatever its budget
             (``configs/eval/official_at_end.yaml``). Never twice for the same epoch.
@@ -83,6 +89,7 @@ class MetaWorldEvaluation(Callback):
         envs_per_class: int = 1,
         eval_actions: Literal["mean", "sample"] = "mean",
         eval_state: Literal["carry", "adapted"] = "carry",
+        split: Literal["test", "train"] = "test",
         at_fit_end: bool = False,
         on_validate: bool = True,
         on_test: bool = True,
@@ -91,6 +98,8 @@ class MetaWorldEvaluation(Callback):
             raise ValueError(f"MetaWorldEvaluation.eval_actions: must be 'mean' or 'sample', got {eval_actions!r}")
         if eval_state not in ("carry", "adapted"):
             raise ValueError(f"MetaWorldEvaluation.eval_state: must be 'carry' or 'adapted', got {eval_state!r}")
+        if split not in ("test", "train"):
+            raise ValueError(f"MetaWorldEvaluation.split: must be 'test' or 'train', got {split!r}")
         if protocol not in ("official", "custom"):
             raise ValueError(f"MetaWorldEvaluation.protocol: must be 'official' or 'custom', got {protocol!r}")
         for name, value, low in (
@@ -113,6 +122,7 @@ class MetaWorldEvaluation(Callback):
         self.envs_per_class = envs_per_class
         self.eval_actions = eval_actions
         self.eval_state = eval_state
+        self.split = split
         self.at_fit_end = at_fit_end
         self.on_validate = on_validate
         self.on_test = on_test
@@ -135,6 +145,8 @@ class MetaWorldEvaluation(Callback):
                 counts["eval_actions"] = "sample"
             if self.eval_state == "adapted":  # the agent's choice, recorded beside the counts
                 counts["eval_state"] = "adapted"
+            if self.split == "train":  # meta-train success: never to be read as a test number
+                counts["split"] = "train"
             return counts
         episodes = self.OFFICIAL_MT_EPISODES if official else self.evaluation_episodes
         return {"protocol": self.protocol, "evaluation_episodes": episodes, "max_episode_steps": steps}
@@ -205,6 +217,7 @@ class MetaWorldEvaluation(Callback):
                         trial_memory=settings.get("trial_memory", False),
                         context_action_scale=settings.get("context_action_scale", 1.0),
                         eval_state=counts.get("eval_state", "carry"),
+                        split=counts.get("split", "test"),
                         **common,
                     )
                 return evaluate_multi_task(
@@ -224,11 +237,12 @@ class MetaWorldEvaluation(Callback):
         assert result is not None
         result = {**result, "counts": settings["counts"]}
         self.last_result = result
-        metrics = {"eval/success_rate": result["success_rate"], "eval/return": result["return"]}
-        metrics.update({f"eval/success/{task}": rate for task, rate in result["success_per_task"].items()})
+        prefix = metric_prefix(settings["counts"])
+        metrics = {f"{prefix}/success_rate": result["success_rate"], f"{prefix}/return": result["return"]}
+        metrics.update({f"{prefix}/success/{task}": rate for task, rate in result["success_per_task"].items()})
         # Identical on every rank after the broadcast: no sync needed.
         pl_module.log_dict({k: float(v) for k, v in metrics.items()}, on_step=False, on_epoch=True, sync_dist=False)
-        pl_module.log("eval_success", float(result["success_rate"]), prog_bar=True, logger=False, on_step=False, on_epoch=True, sync_dist=False)
+        pl_module.log(f"{prefix}_success", float(result["success_rate"]), prog_bar=True, logger=False, on_step=False, on_epoch=True, sync_dist=False)
         rank_zero_info(_summary_line(result, int(getattr(pl_module, "env_steps", 0))))
         if trainer.state.fn == TrainerFn.FITTING:
             # The results writer keeps the curve (results.json, training_curves.png, per-task table).

@@ -22,10 +22,13 @@ fit's files).
     protocol         one entry per official-protocol evaluation (callbacks.evaluation): epoch,
                      step, env_steps, success_rate, return, success_per_task {class: rate} and
                      the counts it ran with (protocol, num_evals, adaptation/evaluation episodes,
-                     envs_per_class, max_episode_steps)
+                     envs_per_class, max_episode_steps; ``split: train`` for the protocol on the
+                     training goals, a meta-train number: ``callbacks.protocol_split``)
 
 ``eval_per_task.csv`` holds the per-class table of every protocol evaluation (epoch, env_steps,
-class, success_rate), also uploaded to MLflow.
+class, success_rate, split), also uploaded to MLflow. ``test_results.json`` /
+``validate_results.json`` hold the stage's held-out protocol result under ``protocol`` and the
+training-goal one, when an evaluation callback ran with ``split: train``, under ``protocol_train``.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from callbacks.atomic_io import write_atomic, write_json_atomic
 from callbacks.curves import plot_training_curves
 from callbacks.mlflow_run import mlflow_loggers, upload_artifact
+from callbacks.protocol_split import is_train_split
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
@@ -217,8 +221,11 @@ class ResultsWriter(Callback):
         if not trainer.is_global_zero:
             return
         metrics = {k: _scalar(trainer.callback_metrics, f"{prefix}/{k}") for k in EVAL_KEYS}
-        # The official protocol of this stage, when an evaluation callback ran it.
-        protocol = [cb.last_result for cb in trainer.callbacks if getattr(cb, "last_result", None) is not None]
+        # The official protocol of this stage, when an evaluation callback ran it (held-out and
+        # training goals apart: a meta-train number must never be read as the meta-test one).
+        ran = [cb.last_result for cb in trainer.callbacks if getattr(cb, "last_result", None) is not None]
+        protocol = [r for r in ran if not is_train_split(r)]
+        protocol_train = [r for r in ran if is_train_split(r)]
         payload = {
             "schema_version": SCHEMA_VERSION,
             "stage": stage,
@@ -227,6 +234,7 @@ class ResultsWriter(Callback):
             "mlflow": self._mlflow(trainer),
             "metrics": metrics,
             "protocol": protocol[0] if protocol else None,
+            "protocol_train": protocol_train[0] if protocol_train else None,
         }
         path = os.path.join(trainer.default_root_dir, f"{stage}_results.json")
         write_json_atomic(path, payload)
@@ -240,26 +248,29 @@ class ResultsWriter(Callback):
 
 
 def _write_per_task_csv(entries: list[dict[str, Any]], path: str) -> None:
-    """One row per (evaluation, class): ``epoch,env_steps,class,success_rate``."""
+    """One row per (evaluation, class): ``epoch,env_steps,class,success_rate,split``."""
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["epoch", "env_steps", "class", "success_rate"])
+        writer.writerow(["epoch", "env_steps", "class", "success_rate", "split"])
         for entry in entries:
+            split = "train" if is_train_split(entry) else "test"
             for name, rate in entry["success_per_task"].items():
-                writer.writerow([entry["epoch"], entry["env_steps"], name, rate])
+                writer.writerow([entry["epoch"], entry["env_steps"], name, rate, split])
 
 
 def run_summary(results: dict[str, Any], run_dir: str) -> str:
     """The end-of-run lines: status, epochs, env steps, wall time, evaluations, where everything is."""
     minutes = results["wall_time_s"] / 60
     lines = [f"Run {results['status']}: {results['epochs_completed']} epochs, {results['env_steps']:,} env steps, {minutes:.1f} min"]
-    protocol = results.get("protocol") or []
-    if protocol:
-        best = max(protocol, key=lambda e: e["success_rate"])
-        last = protocol[-1]
-        kind = last["counts"]["protocol"]
-        lines.append(f"  Meta-World evaluation ({kind}): last {last['success_rate']:.3f} at {last['env_steps']:,} env steps, "
-                     f"best {best['success_rate']:.3f} at {best['env_steps']:,}")
+    entries = results.get("protocol") or []
+    for label, protocol in (("", [e for e in entries if not is_train_split(e)]),
+                            (", training goals", [e for e in entries if is_train_split(e)])):
+        if protocol:
+            best = max(protocol, key=lambda e: e["success_rate"])
+            last = protocol[-1]
+            kind = last["counts"]["protocol"]
+            lines.append(f"  Meta-World evaluation ({kind}{label}): last {last['success_rate']:.3f} at {last['env_steps']:,} "
+                         f"env steps, best {best['success_rate']:.3f} at {best['env_steps']:,}")
     validation = [e for e in results.get("eval") or [] if e.get("post_adaptation_success") is not None]
     if validation:
         lines.append(f"  validation (stochastic, after adaptation): success {validation[-1]['post_adaptation_success']:.3f}, "

@@ -391,8 +391,9 @@ def evaluate_meta_learning(
     trial_memory: bool = False,
     context_action_scale: float = 1.0,
     eval_state: str = "carry",
+    split: Split = "test",
 ) -> dict[str, Any]:
-    """Official ML protocol on the test split: adapt to ``num_evals`` goals per test class, then evaluate.
+    """Official ML protocol: adapt to ``num_evals`` goals per class of ``split``, then evaluate.
 
     With ``envs_per_class`` n, every round adapts to n goals per class at once and ``num_evals``
     counts rounds (n x num_evals goals per class). Beware: metaworld's ``evaluation`` keeps the
@@ -423,20 +424,26 @@ def evaluate_meta_learning(
         context_action_scale: multiplies the previous-action inputs (``data.context_action_scale``).
         eval_state: with ``trial_memory``, where each evaluation episode starts: ``carry`` (where the
             previous episode ended) or ``adapted`` (the state the adaptation episodes left).
+        split: ``"test"`` (the held-out classes and goals: meta-test success, what is published
+            first) or ``"train"`` (the training classes and goals under the same protocol:
+            meta-train success, the paper's other column; for telling a generalisation gap from
+            a measurement gap).
 
     Returns:
         ``{"success_rate", "return", "success_per_task": {class: rate}}``.
     """
+    if split not in ("train", "test"):
+        raise ValueError(f"split: must be 'train' or 'test', got {split!r}")
     bench = make_benchmark(benchmark_name, env_name, seed, cache_dir=cache_dir)
     if not bench.is_meta_learning:
         raise ValueError(f"benchmark: {benchmark_name} is not a meta-learning benchmark; use evaluate_multi_task")
     # All goals: the pseudo-random task wrapper shuffles them and walks num_evals distinct ones.
     envs = make_eval_envs(
-        bench, "test", seed, max_episode_steps, fast=fast, envs_per_class=envs_per_class,
+        bench, split, seed, max_episode_steps, fast=fast, envs_per_class=envs_per_class,
         context_reward_scale=context_reward_scale, context_action_scale=context_action_scale,
     )
     if num_evals is None:
-        num_evals = min(len(goals) for goals in bench.tasks("test").values()) // envs_per_class
+        num_evals = min(len(goals) for goals in bench.tasks(split).values()) // envs_per_class
     try:
         agent = MetaWorldAgent(
             module, envs.num_envs, seed=seed, sample_eval_actions=sample_eval_actions,

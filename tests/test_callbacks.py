@@ -150,7 +150,8 @@ def test_protocol_evaluations_go_to_results_and_the_per_task_table(tmp_path: Pat
     assert saved["status"] == "running"
     assert [(e["epoch"], e["env_steps"], e["success_rate"]) for e in saved["protocol"]] == [(3, 800_000, 0.4)]
     rows = (tmp_path / "eval_per_task.csv").read_text().splitlines()
-    assert rows == ["epoch,env_steps,class,success_rate", "3,800000,door-close-v3,0.8", "3,800000,lever-pull-v3,0.0"]
+    assert rows == ["epoch,env_steps,class,success_rate,split", "3,800000,door-close-v3,0.8,test",
+                    "3,800000,lever-pull-v3,0.0,test"]
     # The history is checkpoint state: a resumed run continues the same table.
     restored = ResultsWriter(plot=False, log_to_mlflow=False)
     restored.load_state_dict(writer.state_dict())
@@ -165,3 +166,38 @@ def test_run_summary_names_results_evaluations_and_where_they_are(tmp_path: Path
     assert "Meta-World evaluation (custom): last 0.500 at 960 env steps, best 0.500 at 960" in text
     assert "validation (stochastic, after adaptation): success 0.167" in text
     assert str(tmp_path) in text and "mlflow ui --backend-store-uri sqlite:///mlflow.db" in text
+
+
+def test_training_goal_evaluations_stay_apart_from_the_held_out_ones(tmp_path: Path) -> None:
+    """split: train results are labelled in the CSV, the summary, the stage file; never the test number."""
+    from callbacks.results import run_summary
+
+    payload = _payload()
+    train_entry = {**payload["protocol"][-1], "success_rate": 0.9, "success_per_task": {"reach-v3": 0.9}, "counts": {**payload["protocol"][-1]["counts"], "split": "train"}}
+    payload["protocol"].append(train_entry)
+    text = run_summary(payload, str(tmp_path))
+    # The held-out line keeps its own last/best (0.5), the training-goal line has the 0.9.
+    assert "Meta-World evaluation (custom): last 0.500 at 960 env steps, best 0.500 at 960" in text
+    assert "Meta-World evaluation (custom, training goals): last 0.900 at 960 env steps, best 0.900 at 960" in text
+
+    writer = ResultsWriter(plot=True, log_to_mlflow=False)
+    writer.set_run_config({"trainer": {}, "model": {}, "data": {"benchmark": "ML1"}})
+    trainer = SimpleNamespace(
+        is_global_zero=True, default_root_dir=str(tmp_path), current_epoch=0, loggers=[],
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=1)),
+    )
+    module = SimpleNamespace(env_steps=torch.tensor(1000))
+    for entry in payload["protocol"][-2:]:
+        writer.record_protocol_evaluation(trainer, module, entry)
+    rows = (tmp_path / "eval_per_task.csv").read_text().splitlines()
+    assert rows[1:] == ["0,1000,reach-v3,0.5,test", "0,1000,reach-v3,0.9,train"]
+    assert (tmp_path / "training_curves.png").stat().st_size > 0
+
+    # validate/test: the held-out result under "protocol", the training-goal one under "protocol_train".
+    stage_trainer = SimpleNamespace(
+        is_global_zero=True, default_root_dir=str(tmp_path), ckpt_path="last.ckpt", callback_metrics={},
+        loggers=[], callbacks=[SimpleNamespace(last_result=train_entry), SimpleNamespace(last_result=payload["protocol"][-2])],
+    )
+    writer._write_stage_results(stage_trainer, "test", "test")
+    saved = json.loads((tmp_path / "test_results.json").read_text())
+    assert saved["protocol"]["success_rate"] == 0.5 and saved["protocol_train"]["success_rate"] == 0.9

@@ -61,6 +61,7 @@ def _evaluation_with_overlay(config: str, overlay: str, tmp_path) -> tuple[MetaW
         ("official_in_fit.yaml", 10, {}),
         ("official_at_end.yaml", 0, {}),
         ("official_adapted_state.yaml", 0, {"eval_state": "adapted"}),
+        ("official_train_goals.yaml", 0, {"split": "train"}),
     ],
 )
 def test_the_official_protocol_overlays_set_the_published_counts(overlay, every_n_epochs, extra, tmp_path):

@@ -276,6 +276,32 @@ def test_sampled_eval_actions_are_labelled_and_differ_from_the_mean() -> None:
     np.testing.assert_array_equal(sampled, again)  # seeded
 
 
+def test_train_split_runs_the_protocol_on_the_training_goals_under_its_own_names(monkeypatch) -> None:
+    """split: train evaluates ML1's training goals (not the held-out ones) and logs eval_train/..."""
+    import metarl_lightning.evaluation as evaluation_module
+
+    built = []
+    real = evaluation_module.make_eval_envs
+    monkeypatch.setattr(evaluation_module, "make_eval_envs", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    module = _LoggingModule(MLPActorCritic(39, 4, hidden_dim=16))
+    callback = MetaWorldEvaluation(every_n_epochs=2, num_evals=2, adaptation_episodes=1, evaluation_episodes=1,
+                                   max_episode_steps=20, split="train")
+    callback.on_train_epoch_end(_trainer("ML1", "reach-v3"), module)
+    assert set(module.logged) == {"eval_train/success_rate", "eval_train/return", "eval_train/success/reach-v3"}
+    assert callback.last_result["counts"]["split"] == "train"
+    bench = make_benchmark("ML1", "reach-v3", seed=0)
+    current = built[0].envs[0].unwrapped._last_rand_vec
+    assert any(np.array_equal(current, v) for v in _rand_vecs(bench.train_tasks["reach-v3"]))
+    assert not any(np.array_equal(current, v) for v in _rand_vecs(bench.test_tasks["reach-v3"]))
+    assert "split" not in MetaWorldEvaluation(protocol="official").counts("ML1", 500)
+    with pytest.raises(ValueError, match="MetaWorldEvaluation.split"):
+        MetaWorldEvaluation(split="validation")
+    with pytest.raises(ValueError, match="split"):
+        evaluate_meta_learning(module, "ML1", "reach-v3", split="val")
+
+
 def test_adapted_eval_state_is_recorded_in_the_counts_and_checked() -> None:
     counts = MetaWorldEvaluation(protocol="official", eval_state="adapted").counts("ML10", 500)
     assert counts["eval_state"] == "adapted" and counts["num_evals"] is None  # the official counts stay
