@@ -31,7 +31,7 @@ from metarl_lightning.algorithms.std_schedule import project_log_std, std_ceilin
 from metarl_lightning.checks.config import check_lr_schedule
 from metarl_lightning.errors import require
 from metarl_lightning.meta_batch import MetaBatch
-from metarl_lightning.objectives import PPOSettings, agents_ppo_loss
+from metarl_lightning.objectives import PPOSettings, agents_ppo_loss, exploration_loss, post_adaptation_advantages
 from metarl_lightning.policies.base import ActorCritic
 from metarl_lightning.rollouts import BaselineKind, Rollout, RolloutCollector
 from metarl_lightning.trpo_outer import maml_trpo_update
@@ -128,6 +128,12 @@ class MetaRLModule(L.LightningModule):
             nearly flat within a few cm of the success radius, so the return hardly tells a near
             miss from a success, while the protocol counts only successes (docs/results.md).
             0: off (the default; every published number of this project was made without it).
+        exploration_coef: weight of the support rollouts' term of the meta-gradient
+            (:func:`~metarl_lightning.objectives.exploration_loss`, E-MAML): support behaviour is
+            reinforced by the return its agent reached *after* adaptation, normalised over the
+            agents of the outer step. Plain MAML (0, the default) treats the support samples as
+            constants and so never rewards exploring for the sake of the inner step. PPO outer step
+            with ``inner_steps > 0`` only.
         adapt_ssm_parameters: also adapt the SSM group (Lambda, log-step, B) in the inner loop. Off
             by default: they are meta-learned in the outer loop only (one inner step on the state
             matrix's eigenvalues changes the dynamics of every time step at once); the SSM runs
@@ -167,6 +173,7 @@ class MetaRLModule(L.LightningModule):
         std_ceiling_on: Literal["policy", "adapted"] = "policy",
         meta_lr_final: float | None = None,
         success_bonus: float = 0.0,
+        exploration_coef: float = 0.0,
     ) -> None:
         super().__init__()
         require(meta_lr > 0, "model.meta_lr", f"must be > 0, got {meta_lr}")
@@ -197,6 +204,12 @@ class MetaRLModule(L.LightningModule):
         require(std_ceiling_on in ("policy", "adapted"), "model.std_ceiling_on", f"must be 'policy' or 'adapted', got {std_ceiling_on!r}")
         require(std_ceiling_epochs >= 1, "model.std_ceiling_epochs", f"must be >= 1, got {std_ceiling_epochs}")
         require(success_bonus >= 0, "model.success_bonus", f"must be >= 0, got {success_bonus}")
+        require(exploration_coef >= 0, "model.exploration_coef", f"must be >= 0, got {exploration_coef}")
+        require(
+            exploration_coef == 0 or (outer_optimizer == "ppo" and inner_steps > 0),
+            "model.exploration_coef",
+            "needs a support rollout and the PPO outer step: inner_steps > 0 and outer_optimizer 'ppo' (or set it to 0)",
+        )
         require(
             meta_lr_final is None or 0 <= meta_lr_final <= meta_lr,
             "model.meta_lr_final",
@@ -564,6 +577,9 @@ class MetaRLModule(L.LightningModule):
         loss is detached; without, the one chunk's loss keeps its graph for the caller's backward.
         """
         num_agents = query.rewards.shape[0]
+        exploration_coef = self.hparams.get("exploration_coef", 0.0)
+        # Normalised over all agents of this step before chunking: chunks must not change the term.
+        agent_advantages = post_adaptation_advantages(query.episode_return) if exploration_coef > 0 else None
         parts: list[tuple[float, PPOLoss]] = []
         for index in agent_chunks(num_agents, self.hparams.get("agent_chunk_size")):
             chunk_support, chunk_query = support.agents(index), query.agents(index)
@@ -571,6 +587,9 @@ class MetaRLModule(L.LightningModule):
             theta = stack_for_agents(self._meta_parameters(), size)
             adapted = self._adapt(theta, chunk_support, first_order=self.hparams.first_order)
             loss = agents_ppo_loss(self.policy, adapted, chunk_query, self.ppo, with_value=self.uses_critic)
+            if agent_advantages is not None:
+                explore = exploration_loss(self.policy, theta, chunk_support, agent_advantages[index], self.ppo.clip_epsilon)
+                loss = loss._replace(total=loss.total + exploration_coef * explore)
             weight = size / num_agents
             if backward:
                 with self._no_backward_sync():

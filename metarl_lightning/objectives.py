@@ -10,7 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
-from metarl_lightning.algorithms.ppo import PPOLoss, gaussian_entropy, gaussian_log_prob, ppo_loss
+from metarl_lightning.algorithms.ppo import (
+    PPOLoss,
+    clipped_surrogate_loss,
+    gaussian_entropy,
+    gaussian_log_prob,
+    normalize_advantages,
+    ppo_loss,
+)
 from metarl_lightning.policies.base import ActorCritic, PolicyOutput
 from metarl_lightning.policies.functional import batched_policy_forward
 from metarl_lightning.rollouts import Rollout
@@ -82,3 +89,48 @@ def ppo_loss_of_output(out: PolicyOutput, rollout: Rollout, settings: PPOSetting
         value_clip_epsilon=settings.value_clip_epsilon if with_value else None,
         normalize=False,
     )
+
+
+def exploration_loss(
+    policy: ActorCritic,
+    stacked_params: dict[str, torch.Tensor],
+    support: Rollout,
+    agent_advantages: torch.Tensor,
+    clip_epsilon: float,
+) -> torch.Tensor:
+    """The support rollouts' share of the meta-gradient that plain MAML drops (E-MAML, Stadie et al. 2018).
+
+    The query data depend on theta twice: through theta_k' = U(theta, support_k) (what the outer loss
+    differentiates) and through the *sampling* of support_k itself, which MAML treats as constants.
+    The second part is ``E[R'_k * grad sum_t log pi_theta(a_t | s_t)]`` over the support steps, with
+    ``R'_k`` the post-adaptation return of agent ``k``: support behaviour that led to a good adapted
+    policy is made more likely, whatever it earned itself. The caller passes ``A_k``, ``R'_k``
+    normalised over the agents (:func:`post_adaptation_advantages`: the other agents' returns are
+    its baseline); the term is PPO's clipped surrogate with that one advantage on every support step
+    of agent ``k``, so several outer epochs on the same data stay near the acting policy. At
+    ``pi_theta == pi_old`` its gradient is the REINFORCE estimate ``-mean_k,t(A_k grad log pi_theta)``.
+
+    Args:
+        policy: the architecture.
+        stacked_params: theta stacked ``[K, *shape]`` (the *pre*-adaptation parameters that acted).
+        support: ``[K, E, T, ...]`` support rollouts; ``log_probs`` are the acting ones.
+        agent_advantages: ``[K]`` one advantage per agent.
+        clip_epsilon: ratio clip range.
+
+    Returns:
+        The scalar loss, a mean over agents and steps (to be scaled by ``model.exploration_coef``).
+    """
+    out = batched_policy_forward(
+        policy, stacked_params, support.observations, support.initial_state, support.resets, actor_only=True
+    )
+    log_probs = gaussian_log_prob(out.mean, out.log_std, support.actions)  # (K, E, T)
+    advantages = agent_advantages.to(log_probs.dtype).view(-1, 1, 1).expand_as(log_probs)
+    return clipped_surrogate_loss(log_probs, support.log_probs, advantages, clip_epsilon)
+
+
+def post_adaptation_advantages(post_adaptation_returns: torch.Tensor) -> torch.Tensor:
+    """``[K]`` mean query returns -> zero-mean, unit-variance advantages over the agents.
+
+    All zeros for ``K == 1``: with no other agent to compare with there is no signal.
+    """
+    return normalize_advantages(post_adaptation_returns.detach())

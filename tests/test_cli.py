@@ -113,6 +113,8 @@ BAD_INPUTS = {
     "max_epochs -5": ([*NAV2D, "--trainer.max_epochs", "-5"], "trainer.max_epochs", ">= 0"),
     "lr annealed over no epoch count": ([*NAV2D, "--model.meta_lr_final", "0", "--trainer.max_epochs", "-1"], "trainer.max_epochs", "meta_lr_final"),
     "negative success bonus": ([*NAV2D, "--model.success_bonus", "-1"], "model.success_bonus", ">= 0"),
+    "exploration term without a support rollout": ([*NAV2D, "--model.exploration_coef", "1", "--model.inner_steps", "0"],
+                                                   "model.exploration_coef", "inner_steps > 0"),
     "final lr above the start": ([*NAV2D, "--model.meta_lr_final", "0.1"], "model.meta_lr_final", "[0, model.meta_lr"),
     "validation every 0 epochs": ([*NAV2D, "--trainer.check_val_every_n_epoch", "0"], "trainer.check_val_every_n_epoch", ">= 1"),
     "episodes of 1e9 steps": ([*NAV2D, "--data.max_episode_steps", "1000000000"], "data", "is available"),
