@@ -135,14 +135,19 @@ def test_stale_run_of_a_dead_process_is_marked_killed(tmp_path: Path) -> None:
     assert client.get_run(live_run).info.status == "RUNNING"
 
 
+def _stand_ins(tmp_path: Path, epoch: int, steps_done: int, env_steps: int) -> tuple[SimpleNamespace, SimpleNamespace]:
+    """The trainer and module attributes ``ResultsWriter.record_protocol_evaluation`` reads."""
+    trainer = SimpleNamespace(
+        is_global_zero=True, default_root_dir=str(tmp_path), current_epoch=epoch, loggers=[],
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=steps_done)),
+    )
+    return trainer, SimpleNamespace(env_steps=torch.tensor(env_steps))
+
+
 def test_protocol_evaluations_go_to_results_and_the_per_task_table(tmp_path: Path) -> None:
     writer = ResultsWriter(plot=False, log_to_mlflow=False)
     writer.set_run_config({"trainer": {}, "model": {}, "data": {"benchmark": "ML10"}})
-    trainer = SimpleNamespace(
-        is_global_zero=True, default_root_dir=str(tmp_path), current_epoch=3, loggers=[],
-        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=4)),
-    )
-    module = SimpleNamespace(env_steps=torch.tensor(800_000))
+    trainer, module = _stand_ins(tmp_path, epoch=3, steps_done=4, env_steps=800_000)
     result = {"success_rate": 0.4, "return": 1234.5, "success_per_task": {"door-close-v3": 0.8, "lever-pull-v3": 0.0},
               "counts": {"protocol": "official", "num_evals": None}}
     writer.record_protocol_evaluation(trainer, module, result)
@@ -182,11 +187,7 @@ def test_training_goal_evaluations_stay_apart_from_the_held_out_ones(tmp_path: P
 
     writer = ResultsWriter(plot=True, log_to_mlflow=False)
     writer.set_run_config({"trainer": {}, "model": {}, "data": {"benchmark": "ML1"}})
-    trainer = SimpleNamespace(
-        is_global_zero=True, default_root_dir=str(tmp_path), current_epoch=0, loggers=[],
-        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=1)),
-    )
-    module = SimpleNamespace(env_steps=torch.tensor(1000))
+    trainer, module = _stand_ins(tmp_path, epoch=0, steps_done=1, env_steps=1000)
     for entry in payload["protocol"][-2:]:
         writer.record_protocol_evaluation(trainer, module, entry)
     rows = (tmp_path / "eval_per_task.csv").read_text().splitlines()
