@@ -284,6 +284,12 @@ class MetaTaskDataModule(L.LightningDataModule):
         return _METAWORLD_OBS_DIM + extra + context
 
     @property
+    def env_observation_dim(self) -> int:
+        """The env's own observation: the leading coordinates of the policy input, before the task
+        one-hot and the context inputs (what ``model.normalize_observations`` standardises)."""
+        return Navigation2DVectorEnv.observation_dim if self.benchmark == NAV2D else _METAWORLD_OBS_DIM
+
+    @property
     def action_dim(self) -> int:
         """Action size (linked into ``model.policy``)."""
         return Navigation2DVectorEnv.action_dim if self.benchmark == NAV2D else _METAWORLD_ACTION_DIM

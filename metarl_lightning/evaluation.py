@@ -176,9 +176,14 @@ class MetaWorldAgent:
         return state.reshape(self.num_envs, 1, *state.shape[1:])
 
     def _obs(self, observations: npt.NDArray) -> torch.Tensor:
+        """The policy input, as in training: env observation (and context inputs), task one-hot,
+        then the module's observation normalisation (``model.normalize_observations``)."""
         obs = np.asarray(observations, dtype=np.float32)
         if self.suffix is not None:
             obs = np.concatenate([obs, self.suffix], axis=1)
+        normalizer = getattr(self.module, "obs_normalizer", None)
+        if normalizer is not None:
+            obs = normalizer.normalize(obs)
         return torch.as_tensor(obs, device=self.device)
 
     def _forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

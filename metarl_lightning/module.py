@@ -32,6 +32,7 @@ from metarl_lightning.checks.config import check_lr_schedule
 from metarl_lightning.errors import require
 from metarl_lightning.meta_batch import MetaBatch
 from metarl_lightning.objectives import PPOSettings, agents_ppo_loss, exploration_loss, post_adaptation_advantages
+from metarl_lightning.observation_normalizer import ObservationNormalizer
 from metarl_lightning.policies.base import ActorCritic
 from metarl_lightning.rollouts import BaselineKind, Rollout, RolloutCollector
 from metarl_lightning.trpo_outer import maml_trpo_update
@@ -138,6 +139,11 @@ class MetaRLModule(L.LightningModule):
             by default: they are meta-learned in the outer loop only (one inner step on the state
             matrix's eigenvalues changes the dynamics of every time step at once); the SSM runs
             reported in the README were made this way.
+        normalize_observations: standardise the env observation the policy sees by running mean
+            and variance over the training rollouts, clipped to +-10
+            (:mod:`metarl_lightning.observation_normalizer`: folded in once per meta-iteration,
+            saved in the checkpoint, applied in the official evaluation alike; the task one-hot and
+            the context inputs pass unchanged). Off by default (docs/results.md has its ablation).
     """
 
     def __init__(
@@ -174,6 +180,7 @@ class MetaRLModule(L.LightningModule):
         meta_lr_final: float | None = None,
         success_bonus: float = 0.0,
         exploration_coef: float = 0.0,
+        normalize_observations: bool = False,
     ) -> None:
         super().__init__()
         require(meta_lr > 0, "model.meta_lr", f"must be > 0, got {meta_lr}")
@@ -239,6 +246,8 @@ class MetaRLModule(L.LightningModule):
             named = dict(self.policy.named_parameters())
             for name in sorted(self._adapted_names()):
                 self.inner_log_lrs[_key(name)] = nn.Parameter(torch.full_like(named[name].detach(), math.log(inner_lr)))
+        # Statistics in the module's buffers: checkpointed with the policy they belong to.
+        self.obs_normalizer = ObservationNormalizer(policy.observation_dim) if normalize_observations else None
         # Counted here (not derived) so it survives resume and changes of the rollout size.
         self.register_buffer("env_steps", torch.zeros((), dtype=torch.long), persistent=True)
 
@@ -281,6 +290,13 @@ class MetaRLModule(L.LightningModule):
         for group in optimizer.param_groups:
             group["lr"] = self._base_lr(group.get("name", "")) * factor
         return factor
+
+    def setup(self, stage: str) -> None:
+        """Tell the observation normaliser how many leading input coordinates are the env's
+        observation (a checkpoint restored afterwards brings its own, checked to match)."""
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if self.obs_normalizer is not None and datamodule is not None:
+            self.obs_normalizer.set_columns(datamodule.env_observation_dim)
 
     def on_fit_start(self) -> None:
         """The schedule's epoch count, once: the CLI checks it before anything is built, this covers
@@ -354,7 +370,16 @@ class MetaRLModule(L.LightningModule):
         start_state = None if after is None else self._final_state(after)
         start_context = None if after is None else after.final_context
         rollout = collector.collect(
-            self.policy, detached, num_steps, noise, start_state=start_state, start_context=start_context, with_values=self.uses_critic
+            self.policy,
+            detached,
+            num_steps,
+            noise,
+            start_state=start_state,
+            start_context=start_context,
+            with_values=self.uses_critic,
+            obs_normalizer=self.obs_normalizer,
+            # Training rollouts feed the statistics; validation and test read them only.
+            record_observations=self.training,
         )
         self.compute_advantages(rollout, outer=outer)
         return rollout
@@ -448,6 +473,9 @@ class MetaRLModule(L.LightningModule):
         last = losses[-1]
 
         world = self.trainer.world_size
+        if self.obs_normalizer is not None:
+            # After the update: the iteration's rollouts, inner steps and outer loss saw one transform.
+            self.obs_normalizer.commit(self._sum_over_ranks if world > 1 else None)
         steps_this_iteration = (query.num_steps + (0 if support is query else support.num_steps)) * world
         self.env_steps += steps_this_iteration
         elapsed = time.perf_counter() - started
@@ -617,6 +645,13 @@ class MetaRLModule(L.LightningModule):
         strategy = self.trainer.strategy
         block = getattr(strategy, "block_backward_sync", None)
         return block() if callable(block) and self.trainer.world_size > 1 else contextlib.nullcontext()
+
+    @staticmethod
+    def _sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the data-parallel ranks (a new tensor)."""
+        total = tensor.detach().clone()
+        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
+        return total
 
     def _mean_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` averaged over the data-parallel ranks (a new tensor; itself on one process)."""

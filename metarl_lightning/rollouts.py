@@ -21,6 +21,7 @@ from metarl_lightning.algorithms.gae import generalized_advantage_estimate
 from metarl_lightning.algorithms.ppo import LOG_SQRT_2PI, normalize_advantages
 from metarl_lightning.envs.base import StepResult, TaskVectorEnv
 from metarl_lightning.envs.context import context_dim, context_features
+from metarl_lightning.observation_normalizer import ObservationNormalizer
 from metarl_lightning.policies.base import ActorCritic
 from metarl_lightning.policies.acting import ActingStep
 from metarl_lightning.rollout_values import rollout_values
@@ -323,9 +324,18 @@ class RolloutCollector:
             return np.zeros_like(done)
         return done & (lane.episodes % self.episodes_per_trial == 0)
 
-    def _policy_input(self, obs: np.ndarray, context: np.ndarray | None) -> np.ndarray:
-        """Env observations ``[N, D]`` with the context inputs appended (when they are on)."""
-        return obs if context is None else np.concatenate([obs, context], axis=1)
+    @staticmethod
+    def _policy_input(
+        obs: np.ndarray, context: np.ndarray | None, normalizer: ObservationNormalizer | None = None, record: bool = False
+    ) -> np.ndarray:
+        """Env observations ``[N, D]`` with the context inputs appended (when they are on), standardised
+        by ``normalizer`` (when given; ``record``: the raw ones also go into its pending statistics)."""
+        policy_input = obs if context is None else np.concatenate([obs, context], axis=1)
+        if normalizer is None:
+            return policy_input
+        if record:
+            normalizer.record(policy_input)
+        return normalizer.normalize(policy_input)
 
     @torch.no_grad()
     def collect(
@@ -338,6 +348,8 @@ class RolloutCollector:
         start_state: torch.Tensor | None = None,
         start_context: torch.Tensor | None = None,
         with_values: bool = True,
+        obs_normalizer: ObservationNormalizer | None = None,
+        record_observations: bool = False,
     ) -> Rollout:
         """Reset every env and act for ``num_steps`` steps.
 
@@ -362,6 +374,10 @@ class RolloutCollector:
             with_values: compute the critic's values (and bootstrap values); ``False`` leaves them
                 zero and never runs the critic, for a caller whose advantages use a linear
                 baseline and who trains no critic.
+            obs_normalizer: standardise the env observations the policy sees (and the rollout
+                stores) with these statistics (:mod:`metarl_lightning.observation_normalizer`).
+            record_observations: add the raw observations the policy acts on (the ``K x E x T``
+                the rollout stores) to the normaliser's pending statistics (training rollouts).
 
         Returns:
             The :class:`Rollout` (advantages not yet computed).
@@ -404,6 +420,9 @@ class RolloutCollector:
 
         with_context = self.context_reward_scale is not None
 
+        def policy_input(obs: np.ndarray, context: np.ndarray | None, acted_on: bool = True) -> np.ndarray:
+            return self._policy_input(obs, context, obs_normalizer, record_observations and acted_on)
+
         def act_and_send(lane: _Lane, t: int) -> None:
             action, clipped, log_std, value, lane.next_state = act(lane, lane.obs, lane.state, lane.reset, t)
             lane.sent_action = clipped.reshape(-1, A).cpu().numpy()
@@ -427,7 +446,7 @@ class RolloutCollector:
                 final_context = None
                 if with_context:
                     final_context = self._context(lane.sent_action, result.reward, np.zeros_like(done))
-                final_obs = to_tensor(self._policy_input(result.final_observation, final_context), lane).to(dtype)
+                final_obs = to_tensor(self._policy_input(result.final_observation, final_context, obs_normalizer), lane).to(dtype)
                 if final_observations is not None:
                     final_observations[lane.agents, :, t] = final_obs
                 else:
@@ -445,7 +464,8 @@ class RolloutCollector:
                 if t + 1 == num_steps:
                     lane.final_context = to_tensor(context.copy(), lane).to(dtype)  # before any trial start
                 context[starts] = 0.0  # a new trial: nothing happened yet
-            lane.obs = to_tensor(self._policy_input(result.observation, context), lane).to(dtype)
+            # The observation after the last step only bootstraps a value: not one the policy acts on.
+            lane.obs = to_tensor(policy_input(result.observation, context, acted_on=t + 1 < num_steps), lane).to(dtype)
 
         # A rollout starts a trial (the task may have changed): zero context inputs; or goes on
         # with the trial of ``start_state``.
@@ -458,7 +478,7 @@ class RolloutCollector:
                 raise ValueError("collect: start_state needs start_context when the collector appends context inputs")
             first_context = start_context.reshape(len(reset_obs), -1).cpu().numpy().astype(np.float32)
             first_context[:, -1] = 1.0  # the reset above starts a new episode of the trial
-        first_obs = torch.as_tensor(self._policy_input(reset_obs, first_context), device=device).to(dtype).reshape(K, E, -1)
+        first_obs = torch.as_tensor(policy_input(reset_obs, first_context), device=device).to(dtype).reshape(K, E, -1)
         threads = torch.get_num_threads()
         if self.acting_threads is not None:
             torch.set_num_threads(self.acting_threads)

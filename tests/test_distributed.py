@@ -63,3 +63,22 @@ def test_a_parameter_no_loss_reaches_keeps_no_grad_under_ddp(tmp_path):
     assert max_abs_diff(one_grad, rank_grad) < 1e-5 * max(g.abs().max().item() for g in rank_grad.values() if g is not None)
     single_params, rank_params = (torch.load(tmp_path / d / "params_rank0.pt") for d in ("single", "ddp"))
     assert max_abs_diff(single_params, rank_params) < 1e-5
+
+
+def test_observation_statistics_are_those_of_all_ranks(tmp_path):
+    """Every rank folds in the observations of all ranks: the statistics are identical on both ranks
+    and equal to the one-process run's (the same experience, summed in another order, up to the
+    float rounding of the parameters that acted), and so the parameters trained on the standardised
+    inputs match too."""
+    run(tmp_path / "single", 1, "ddp", "normalized")
+    run(tmp_path / "ddp", 2, "ddp", "normalized")
+    single = torch.load(tmp_path / "single" / "obs_stats_rank0.pt")
+    ranks = [torch.load(tmp_path / "ddp" / f"obs_stats_rank{r}.pt") for r in (0, 1)]
+    assert single["count"] == 3 * 2 * 8 * 4 * 50  # iterations x (support, query) x tasks x envs x steps
+    assert ranks[0]["count"] == single["count"]  # each rank's own half would be half the count
+    for key in ("count", "mean", "var"):
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+        # The parameters differ by float rounding (< 1e-5), so the later observations do slightly.
+        torch.testing.assert_close(ranks[0][key], single[key], rtol=1e-5, atol=1e-8)
+    single_params, rank_params = (torch.load(tmp_path / d / "params_rank0.pt") for d in ("single", "ddp"))
+    assert max_abs_diff(single_params, rank_params) < 1e-5

@@ -40,3 +40,17 @@ def test_ssm_policy_learns_as_well_as_the_mlp():
     """
     history = train_nav2d(SSMActorCritic(2, 2), epochs=20, data_kwargs=SMALL, meta_lr=3e-4, inner_lr=0.1, target_kl=0.02)
     assert_learns_to_adapt(history)
+
+
+def test_maml_ppo_learns_with_observation_normalization():
+    """``model.normalize_observations`` keeps the MLP above the same bars (the statistics move once per
+    iteration, so support, inner step, query and outer loss of one iteration share one transform).
+
+    Measured (seed 0, as the MLP test above): iteration 0 pre -94.6, post -54.9; epochs 15-19 mean
+    pre -41.2, post -31.4 (without normalisation -40.4 / -25.6; inner_lr 1.0 was chosen on the raw
+    positions, which standardising makes several times larger).
+    """
+    history = train_nav2d(
+        MLPActorCritic(2, 2, hidden_dim=64), epochs=20, data_kwargs=SMALL, meta_lr=1e-3, inner_lr=1.0, normalize_observations=True
+    )
+    assert_learns_to_adapt(history)

@@ -168,6 +168,13 @@ def check_state_dict(path: str, saved: Mapping[str, Any], expected: Mapping[str,
         for name in sorted(set(saved) & set(expected))
         if tuple(saved[name].shape) != tuple(expected[name].shape)
     ]
+    odd = missing + unexpected
+    if odd and not shapes and all(name.startswith("obs_normalizer.") for name in odd):
+        trained = "with" if unexpected else "without"
+        raise ConfigError(
+            f"model.normalize_observations: {path} was trained {trained} observation normalisation; "
+            f"set --model.normalize_observations {str(bool(unexpected)).lower()}"
+        )
     problems = []
     if shapes:
         problems.append("shapes differ: " + ", ".join(shapes[:3]) + (" ..." if len(shapes) > 3 else ""))
