@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from metarl_lightning.algorithms.running_moments import Moments, merge_moments, moments_from_shifted_sums, standardize
+from metarl_lightning.algorithms.running_moments import Moments, merge_moments, moments_from_shifted_sums, standardize_, standardizing_scale
 
 
 class ObservationNormalizer(nn.Module):
@@ -53,7 +53,9 @@ class ObservationNormalizer(nn.Module):
         self.register_buffer("columns", torch.zeros((), dtype=torch.long))
         self._pending: list[np.ndarray] | None = None  # [count], shifted sum, shifted sum of squares
         self._shift = np.zeros(0)  # the mean at the batch's first record (the sums' shift)
-        self._transform: tuple[torch.Tensor, torch.Tensor] | None = None
+        # (mean, scale) as float32 CPU tensors, () while inactive, None when stale: built once per
+        # set of statistics, so a call per env step converts nothing.
+        self._transform: tuple[torch.Tensor, ...] | None = None
 
     # ------------------------------------------------------------------------------ configuration
     def set_columns(self, columns: int) -> None:
@@ -68,6 +70,7 @@ class ObservationNormalizer(nn.Module):
                 f"the data gives {columns}: a checkpoint from another benchmark?"
             )
         self.columns.fill_(columns)
+        self._transform = None
 
     @property
     def active(self) -> bool:
@@ -78,27 +81,27 @@ class ObservationNormalizer(nn.Module):
     def normalize(self, policy_input: np.ndarray) -> np.ndarray:
         """``[N, >= columns]`` float32 policy inputs with the leading ``columns`` standardised (a copy;
         the input itself is returned unchanged while :attr:`active` is false)."""
-        if not self.active:
-            return policy_input
         if self._transform is None:
             n = int(self.columns)
-            self._transform = (self.mean[:n].float().cpu(), self.var[:n].float().cpu())
-        mean, var = self._transform
-        n = mean.shape[0]
+            self._transform = (self.mean[:n].float().cpu(), standardizing_scale(self.var[:n]).float().cpu()) if self.active else ()
+        if not self._transform:
+            return policy_input
+        mean, scale = self._transform
         out = np.array(policy_input, dtype=np.float32, copy=True)
-        head = torch.from_numpy(out[:, :n])
-        out[:, :n] = standardize(head, mean, var, self.clip).numpy()
+        # A view of the leading columns: standardised in place, the rest of the row untouched.
+        standardize_(torch.from_numpy(out)[:, : mean.shape[0]], mean, scale, self.clip)
         return out
 
     # ------------------------------------------------------------------------------- statistics
     def record(self, policy_input: np.ndarray) -> None:
         """Add raw ``[N, >= columns]`` inputs to the pending batch (folded in by :meth:`commit`)."""
-        n = int(self.columns)
-        if n == 0:
-            return
         if self._pending is None:
+            n = int(self.columns)
+            if n == 0:
+                return
             self._shift = self.mean[:n].cpu().numpy()
             self._pending = [np.zeros(1), np.zeros(n), np.zeros(n)]
+        n = len(self._shift)
         # Shifted by the current mean: the sums stay small and the variance exact (running_moments).
         x = np.asarray(policy_input[:, :n], dtype=np.float64) - self._shift
         self._pending[0] += len(x)

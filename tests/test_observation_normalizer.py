@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from metarl_lightning.algorithms.running_moments import Moments, merge_moments, moments_from_shifted_sums, standardize
+from metarl_lightning.algorithms.running_moments import Moments, merge_moments, moments_from_shifted_sums, standardize_, standardizing_scale
 from metarl_lightning.checks.checkpoint import check_state_dict
 from metarl_lightning.envs.navigation import Navigation2DVectorEnv
 from metarl_lightning.errors import ConfigError
@@ -59,10 +59,19 @@ def test_shifted_sums_keep_the_variance_of_far_off_data() -> None:
     _assert_moments(got, _moments(x.numpy()))
 
 
-def test_standardize_centres_scales_and_clips() -> None:
-    x = torch.tensor([[1.0, 100.0], [3.0, -100.0]])
-    out = standardize(x, mean=torch.tensor([2.0, 0.0]), var=torch.tensor([1.0, 1.0]), clip=10.0, eps=0.0)
-    torch.testing.assert_close(out, torch.tensor([[-1.0, 10.0], [1.0, -10.0]]))
+def standardized(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, clip: float = 10.0, eps: float = 1e-8) -> torch.Tensor:
+    """The definition, written out: ``clamp((x - mean) / sqrt(var + eps), -clip, clip)``."""
+    return ((x - mean) / torch.sqrt(var + eps)).clamp(-clip, clip)
+
+
+def test_standardize_centres_scales_and_clips_in_place() -> None:
+    x = torch.tensor([[1.0, 100.0, 0.5], [3.0, -100.0, 0.5]])
+    mean, var = torch.tensor([2.0, 0.0, 0.5]), torch.tensor([4.0, 1.0, 0.0])
+    expected = standardized(x, mean, var)
+    out = standardize_(x, mean, standardizing_scale(var), clip=10.0)
+    assert out is x
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(out, torch.tensor([[-0.5, 10.0, 0.0], [0.5, -10.0, 0.0]]))
 
 
 def test_the_normalizer_accumulates_uneven_batches_and_leaves_trailing_columns_alone() -> None:
@@ -128,7 +137,7 @@ def test_the_collector_stores_standardised_inputs_and_records_the_raw_ones() -> 
     normalizer.commit()
     before = Moments(normalizer.count.clone(), normalizer.mean.clone(), normalizer.var.clone())
     rollout = _rollout(policy, normalizer, record=True)
-    expected = standardize(raw, before.mean.float(), before.var.float(), clip=10.0)
+    expected = standardized(raw, before.mean.float(), before.var.float())
     torch.testing.assert_close(rollout.observations, expected, rtol=0, atol=1e-6)
     # Exactly the K x E x T inputs the policy acted on went into the statistics.
     assert normalizer.pending_count == K * E * STEPS

@@ -56,10 +56,17 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
     return Moments(count, mean, squares / count)
 
 
-def standardize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, clip: float, eps: float = 1e-8) -> torch.Tensor:
-    """``clamp((x - mean) / sqrt(var + eps), -clip, clip)`` over the last dim ``[..., D]``.
+def standardizing_scale(var: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``1 / sqrt(var + eps)``: what :func:`standardize_` multiplies by (computed once per set of
+    statistics; the eps keeps a constant coordinate, such as Meta-World's hidden goal, finite)."""
+    return torch.rsqrt(var + eps)
 
-    The clip bounds what a rare value of a nearly constant coordinate can do to the first layer
-    (as Stable-Baselines3's ``VecNormalize``, whose default is 10).
+
+def standardize_(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, clip: float) -> torch.Tensor:
+    """In place over the last dim ``[..., D]``: ``x <- clamp((x - mean) * scale, -clip, clip)``; returns ``x``.
+
+    In place because the collector calls it once per env step (three ops on a view of the step's
+    inputs). The clip bounds what a rare value of a nearly constant coordinate can do to the first
+    layer (as Stable-Baselines3's ``VecNormalize``, whose default is 10).
     """
-    return ((x - mean) / torch.sqrt(var + eps)).clamp(-clip, clip)
+    return x.sub_(mean).mul_(scale).clamp_(-clip, clip)
