@@ -658,9 +658,7 @@ class MetaRLModule(L.LightningModule):
         world = self.trainer.world_size
         if world <= 1:
             return tensor
-        total = tensor.detach().clone()
-        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
-        return total / world
+        return self._sum_over_ranks(tensor) / world
 
     def _all_reduce_gradients(self) -> None:
         """Average the meta-gradient over ranks with one flattened all-reduce.

@@ -421,6 +421,8 @@ class RolloutCollector:
         with_context = self.context_reward_scale is not None
 
         def policy_input(obs: np.ndarray, context: np.ndarray | None, acted_on: bool = True) -> np.ndarray:
+            # Only observations the policy acts on feed the statistics (not the final observations
+            # of truncated episodes, nor the one after the last step: they only bootstrap values).
             return self._policy_input(obs, context, obs_normalizer, record_observations and acted_on)
 
         def act_and_send(lane: _Lane, t: int) -> None:
@@ -446,7 +448,7 @@ class RolloutCollector:
                 final_context = None
                 if with_context:
                     final_context = self._context(lane.sent_action, result.reward, np.zeros_like(done))
-                final_obs = to_tensor(self._policy_input(result.final_observation, final_context, obs_normalizer), lane).to(dtype)
+                final_obs = to_tensor(policy_input(result.final_observation, final_context, acted_on=False), lane).to(dtype)
                 if final_observations is not None:
                     final_observations[lane.agents, :, t] = final_obs
                 else:
@@ -464,7 +466,6 @@ class RolloutCollector:
                 if t + 1 == num_steps:
                     lane.final_context = to_tensor(context.copy(), lane).to(dtype)  # before any trial start
                 context[starts] = 0.0  # a new trial: nothing happened yet
-            # The observation after the last step only bootstraps a value: not one the policy acts on.
             lane.obs = to_tensor(policy_input(result.observation, context, acted_on=t + 1 < num_steps), lane).to(dtype)
 
         # A rollout starts a trial (the task may have changed): zero context inputs; or goes on
