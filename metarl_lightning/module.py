@@ -445,7 +445,12 @@ class MetaRLModule(L.LightningModule):
         minibatches = self._outer_minibatches(batch.num_agents, query.rewards.shape[1])
         if self.hparams.get("outer_optimizer", "ppo") == "trpo":
             # One step of the actor, then the critic's value steps (one minibatch: trpo takes none).
-            trpo = self._trpo_update(support, query)
+            # The TRPO step runs as the optimiser's closure: it writes theta itself (no .grad is
+            # set, so Adam applies nothing), but Lightning counts the call, so global_step,
+            # --trainer.max_steps and the per-epoch last.ckpt advance as with the PPO step. Without
+            # it a TRPO run with no critic never moved global_step and no epoch was checkpointed.
+            optimizer.zero_grad(set_to_none=True)
+            optimizer.step(closure=lambda: trpo.update(self._trpo_update(support, query)))
             for _ in range(self.hparams.ppo_epochs if self.uses_critic else 0):
                 losses.append(self._value_step(query, optimizer))
                 grad_norms.append(self._clip_gradients())

@@ -142,3 +142,38 @@ def test_trpo_fit_takes_accepted_steps_and_trains_the_critic():
         MetaRLModule(MLPActorCritic(2, 2), outer_optimizer="trpo", outer_env_minibatches=2)
     with pytest.raises(ConfigError, match="model.max_kl"):
         MetaRLModule(MLPActorCritic(2, 2), max_kl=0.0)
+
+
+def test_trpo_without_a_critic_checkpoints_every_epoch(tmp_path):
+    """A TRPO run with no critic (the Meta-World configs: linear baseline, value_coef 0) takes no Adam
+    step; the TRPO step must still count as the iteration's optimiser step, or global_step stays 0
+    and RunCheckpoint skips every epoch (found on a 10M-step ML10 run that had no last.ckpt to resume)."""
+    import os
+
+    import lightning as L
+
+    from callbacks.checkpointing import RunCheckpoint
+    from metarl_lightning.data import MetaTaskDataModule
+    from metarl_lightning.module import MetaRLModule
+    from metarl_lightning.policies import MLPActorCritic
+
+    seen: list[tuple[int, int, int | None]] = []
+    last = tmp_path / "checkpoints" / "last.ckpt"
+
+    class Probe(L.Callback):
+        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            saved = torch.load(last, weights_only=False)["epoch"] if os.path.exists(last) else None
+            seen.append((trainer.current_epoch, trainer.global_step, saved))
+
+    L.seed_everything(0, verbose=False)
+    module = MetaRLModule(MLPActorCritic(2, 2, hidden_dim=8), outer_optimizer="trpo", baseline="linear", value_coef=0.0, first_order=True)
+    assert not module.uses_critic
+    trainer = L.Trainer(
+        max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
+        limit_val_batches=0, num_sanity_val_steps=0, accelerator="cpu", default_root_dir=str(tmp_path),
+        callbacks=[RunCheckpoint(), Probe()],
+    )
+    trainer.fit(module, MetaTaskDataModule("nav2d", seed=0, meta_batch_size=4, rollouts_per_task=2, max_episode_steps=10))
+    # Epoch e starts with e TRPO steps taken and epoch e - 1's last.ckpt on disk.
+    assert seen == [(0, 0, None), (1, 1, 0), (2, 2, 1)]
+    assert trainer.global_step == 3
