@@ -21,8 +21,9 @@ class EpochMetrics(L.Callback):
 
 
 def quiet_trainer(max_epochs: int, callbacks: list[L.Callback], **kwargs) -> L.Trainer:
-    """A CPU Trainer with no logger, checkpoints, bars or validation: for tests that train in-process."""
-    return L.Trainer(
+    """A CPU Trainer with no logger, checkpoints, bars or validation: for tests that train in-process.
+    ``kwargs`` add or override Trainer arguments (e.g. ``enable_checkpointing=True`` for a checkpoint callback)."""
+    defaults = dict(
         max_epochs=max_epochs,
         logger=False,
         enable_checkpointing=False,
@@ -33,8 +34,8 @@ def quiet_trainer(max_epochs: int, callbacks: list[L.Callback], **kwargs) -> L.T
         num_sanity_val_steps=0,
         callbacks=callbacks,
         accelerator="cpu",
-        **kwargs,
     )
+    return L.Trainer(**{**defaults, **kwargs})
 
 
 def train_nav2d(policy: torch.nn.Module, epochs: int, seed: int = 0, data_kwargs: dict | None = None, **module_kwargs) -> list[dict[str, float]]:

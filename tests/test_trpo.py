@@ -156,6 +156,7 @@ def test_trpo_without_a_critic_checkpoints_every_epoch(tmp_path):
     from metarl_lightning.data import MetaTaskDataModule
     from metarl_lightning.module import MetaRLModule
     from metarl_lightning.policies import MLPActorCritic
+    from tests.helpers import quiet_trainer
 
     seen: list[tuple[int, int, int | None]] = []
     last = tmp_path / "checkpoints" / "last.ckpt"
@@ -168,11 +169,7 @@ def test_trpo_without_a_critic_checkpoints_every_epoch(tmp_path):
     L.seed_everything(0, verbose=False)
     module = MetaRLModule(MLPActorCritic(2, 2, hidden_dim=8), outer_optimizer="trpo", baseline="linear", value_coef=0.0, first_order=True)
     assert not module.uses_critic
-    trainer = L.Trainer(
-        max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
-        limit_val_batches=0, num_sanity_val_steps=0, accelerator="cpu", default_root_dir=str(tmp_path),
-        callbacks=[RunCheckpoint(), Probe()],
-    )
+    trainer = quiet_trainer(3, [RunCheckpoint(), Probe()], enable_checkpointing=True, default_root_dir=str(tmp_path))
     trainer.fit(module, MetaTaskDataModule("nav2d", seed=0, meta_batch_size=4, rollouts_per_task=2, max_episode_steps=10))
     # Epoch e starts with e TRPO steps taken and epoch e - 1's last.ckpt on disk.
     assert seen == [(0, 0, None), (1, 1, 0), (2, 2, 1)]
