@@ -29,6 +29,7 @@ from metarl_lightning.algorithms.maml import agent_chunks, inner_update, stack_f
 from metarl_lightning.algorithms.ppo import PPOLoss, weighted_mean_loss
 from metarl_lightning.algorithms.std_schedule import project_log_std, std_ceiling
 from metarl_lightning.checks.config import check_lr_schedule
+from metarl_lightning.distributed import all_reduce_gradients, mean_over_ranks, sum_over_ranks
 from metarl_lightning.errors import require
 from metarl_lightning.meta_batch import MetaBatch
 from metarl_lightning.objectives import PPOSettings, agents_ppo_loss, exploration_loss, post_adaptation_advantages
@@ -480,7 +481,7 @@ class MetaRLModule(L.LightningModule):
         world = self.trainer.world_size
         if self.obs_normalizer is not None:
             # After the update: the iteration's rollouts, inner steps and outer loss saw one transform.
-            self.obs_normalizer.commit(self._sum_over_ranks if world > 1 else None)
+            self.obs_normalizer.commit(sum_over_ranks if world > 1 else None)
         steps_this_iteration = (query.num_steps + (0 if support is query else support.num_steps)) * world
         self.env_steps += steps_this_iteration
         elapsed = time.perf_counter() - started
@@ -651,40 +652,13 @@ class MetaRLModule(L.LightningModule):
         block = getattr(strategy, "block_backward_sync", None)
         return block() if callable(block) and self.trainer.world_size > 1 else contextlib.nullcontext()
 
-    @staticmethod
-    def _sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` summed over the data-parallel ranks (a new tensor)."""
-        total = tensor.detach().clone()
-        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
-        return total
-
     def _mean_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` averaged over the data-parallel ranks (a new tensor; itself on one process)."""
-        world = self.trainer.world_size
-        if world <= 1:
-            return tensor
-        return self._sum_over_ranks(tensor) / world
+        """``tensor`` averaged over this run's ranks (itself on one process)."""
+        return mean_over_ranks(tensor, self.trainer.world_size)
 
     def _all_reduce_gradients(self) -> None:
-        """Average the meta-gradient over ranks with one flattened all-reduce.
-
-        A parameter no loss reached (a critic that is never run, ``value_coef: 0``) keeps its
-        ``None`` grad, as on one process: a zero grad would still be weight-decayed by AdamW. Which
-        parameters have a grad travels in the same all-reduce (a flag per parameter), so a grad that
-        exists on some ranks only is averaged with zeros rather than left out.
-        """
-        if self.trainer.world_size <= 1:
-            return
-        params = [p for p in self.parameters() if p.requires_grad]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        present = torch.tensor([float(p.grad is not None) for p in params], dtype=grads[0].dtype, device=grads[0].device)
-        flat = self._mean_over_ranks(torch.cat([g.reshape(-1) for g in grads] + [present]))
-        anywhere = flat[-len(params) :] > 0
-        offset = 0
-        for p, reached in zip(params, anywhere.tolist()):
-            n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).clone() if reached else None
-            offset += n
+        """Average the meta-gradient over ranks (:func:`~metarl_lightning.distributed.all_reduce_gradients`)."""
+        all_reduce_gradients(self.parameters(), self.trainer.world_size)
 
     def _kl_too_large(self, approx_kl: torch.Tensor) -> bool:
         """Early stop of the outer PPO epochs once the policy moved too far from the acting one.
