@@ -33,7 +33,7 @@ def _one(agents: int, envs: int, steps: int, chunk: int | None) -> dict:
     """Run in this process; print the measurements as JSON."""
     from metarl_lightning.module import MetaRLModule
     from metarl_lightning.policies import SSMActorCritic
-    from metarl_lightning.rollouts import Rollout
+    from metarl_lightning.rollout_data import Rollout
 
     torch.manual_seed(0)
     obs_dim, act_dim = 39, 4

@@ -42,7 +42,7 @@ from metarl_lightning.envs.benchmarks import Benchmark, Split, make_benchmark
 from metarl_lightning.envs.context import ContextObservation
 from metarl_lightning.envs.fast import env_class
 from metarl_lightning.policies.acting import ActingStep
-from metarl_lightning.rollouts import Rollout
+from metarl_lightning.rollout_data import Rollout
 from metarl_lightning.trials import value_boundaries
 
 

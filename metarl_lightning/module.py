@@ -36,7 +36,8 @@ from metarl_lightning.meta_batch import MetaBatch
 from metarl_lightning.objectives import PPOSettings, agents_ppo_loss, exploration_loss, post_adaptation_advantages
 from metarl_lightning.observation_normalizer import ObservationNormalizer
 from metarl_lightning.policies.base import ActorCritic
-from metarl_lightning.rollouts import BaselineKind, Rollout, RolloutCollector
+from metarl_lightning.rollout_data import BaselineKind, Rollout
+from metarl_lightning.rollouts import RolloutCollector
 from metarl_lightning.trpo_outer import maml_trpo_update
 
 

@@ -20,7 +20,7 @@ from metarl_lightning.algorithms.ppo import (
 )
 from metarl_lightning.policies.base import ActorCritic, PolicyOutput
 from metarl_lightning.policies.functional import batched_policy_forward
-from metarl_lightning.rollouts import Rollout
+from metarl_lightning.rollout_data import Rollout
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from metarl_lightning.algorithms.trpo import TRPOStep, gaussian_kl, trpo_step
 from metarl_lightning.objectives import PPOSettings, ppo_loss_of_output
 from metarl_lightning.policies.base import ActorCritic, PolicyOutput
 from metarl_lightning.policies.functional import batched_policy_forward
-from metarl_lightning.rollouts import Rollout
+from metarl_lightning.rollout_data import Rollout
 
 Adapt = Callable[[dict[str, torch.Tensor], Rollout, bool], dict[str, torch.Tensor]]
 

@@ -16,7 +16,7 @@ from metarl_lightning.errors import ConfigError
 from metarl_lightning.module import MetaRLModule
 from metarl_lightning.objectives import exploration_loss, post_adaptation_advantages
 from metarl_lightning.policies import MLPActorCritic, SSMActorCritic
-from metarl_lightning.rollouts import Rollout
+from metarl_lightning.rollout_data import Rollout
 from tests.helpers import quiet_trainer
 
 K, E, T, OBS, ACT = 3, 2, 5, 4, 2

@@ -10,7 +10,8 @@ from metarl_lightning.envs.navigation import Navigation2DVectorEnv
 from metarl_lightning.errors import ConfigError
 from metarl_lightning.module import MetaRLModule
 from metarl_lightning.policies import MLPActorCritic
-from metarl_lightning.rollouts import Rollout, RolloutCollector
+from metarl_lightning.rollout_data import Rollout
+from metarl_lightning.rollouts import RolloutCollector
 
 K, E, HORIZON, STEPS = 2, 3, 10, 25
 
