@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from metarl_lightning.envs.benchmarks import BENCHMARKS, make_benchmark
-# The private group is what a worker runs; the ceiling measurement steps it without a parent.
-from metarl_lightning.envs.workers import _FIELDS, MetaWorldVectorEnv, _EnvGroup
+# The group is what a worker runs; the ceiling measurement steps it without a parent.
+from metarl_lightning.envs.worker_process import FIELDS, EnvGroup
+from metarl_lightning.envs.workers import MetaWorldVectorEnv
 
 QUICK_BENCHMARKS = ("MT1", "ML1", "MT10", "ML10")
 SINGLE_ENV = "reach-v3"  # the env of MT1/ML1
@@ -64,8 +65,8 @@ def _independent_group(
 ) -> None:
     """Step one group of envs alone (no parent, no messages) and report the wall time."""
     n = len(classes)
-    buffers = {k: np.zeros((n, *shape), dtype=dt) for k, (shape, dt) in _FIELDS.items()}
-    group = _EnvGroup(classes, list(range(n)), 500, fast, False, buffers)
+    buffers = {k: np.zeros((n, *shape), dtype=dt) for k, (shape, dt) in FIELDS.items()}
+    group = EnvGroup(classes, list(range(n)), 500, fast, False, buffers)
     group.reset(tasks)
     barrier.wait()  # all groups start together, so the slowest one bounds the aggregate rate
     start = time.perf_counter()

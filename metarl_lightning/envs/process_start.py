@@ -13,7 +13,7 @@ from multiprocessing import forkserver
 from typing import Iterator
 
 # What every env worker imports (metaworld, MuJoCo, gymnasium, numpy and this package's env code).
-WORKER_MODULE = "metarl_lightning.envs.workers"
+WORKER_MODULE = "metarl_lightning.envs.worker_process"
 
 
 @contextlib.contextmanager

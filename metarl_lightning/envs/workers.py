@@ -10,7 +10,7 @@ per-message cost is paid once per group. That cost is cut further by shared memo
 results live in shared arrays (each worker owns its rows) and a step is one byte each way through
 a pipe, with all workers signalled before any is waited on. Only resets carry pickled tasks.
 
-``num_workers=0`` steps the same ``_EnvGroup`` code in-process, so both modes give identical
+``num_workers=0`` steps the same ``EnvGroup`` code in-process, so both modes give identical
 trajectories for identical actions. Workers use numpy and metaworld only (never torch); they are
 started with the ``forkserver`` (or ``spawn``) method, safe with torch threads in the parent.
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import pickle
-import traceback
 from multiprocessing.connection import Connection
 from typing import Any, Sequence
 
@@ -28,161 +27,8 @@ from metaworld.types import Task
 
 from metarl_lightning.envs.base import StepResult
 from metarl_lightning.envs.benchmarks import Benchmark
-from metarl_lightning.envs.fast import env_class
 from metarl_lightning.envs.process_start import main_script_hidden
-
-OBS_DIM = 39
-ACTION_DIM = 4
-
-# Per-env buffers shared by the parent and the workers: name -> (shape after the env axis, dtype).
-# Each worker reads its rows of "action" and writes its rows of the others, so a step costs one
-# byte each way through the pipe instead of pickled arrays.
-_FIELDS: dict[str, tuple[tuple[int, ...], type]] = {
-    "action": ((ACTION_DIM,), np.float32),
-    "observation": ((OBS_DIM,), np.float32),
-    "reward": ((), np.float32),
-    "terminated": ((), np.bool_),
-    "truncated": ((), np.bool_),
-    "success": ((), np.bool_),
-    "final_observation": ((OBS_DIM,), np.float32),
-}
-_STEP, _OK = b"s", b"o"  # the one-byte messages of the hot path; everything else is pickled
-
-
-def _views(raw: dict[str, Any], n: int) -> dict[str, np.ndarray]:
-    """Numpy views ``[n, ...]`` over shared ctypes buffers (no copy)."""
-    return {
-        key: np.frombuffer(raw[key], dtype=dt).reshape((n, *shape))
-        for key, (shape, dt) in _FIELDS.items()
-    }
-
-
-class _EnvGroup:
-    """A list of simulators stepped in one process; the unit of work of a worker.
-
-    Reads actions from and writes results into ``buffers`` (rows of this group only), which are
-    shared memory in a worker and plain arrays in-process: the same code in both modes.
-
-    Args:
-        classes: class name of each simulator.
-        seeds: ``env.seed`` of each simulator.
-        max_episode_steps: truncate episodes after this many steps.
-        fast: use the fast subclasses of ``env_class``.
-        terminate_on_success: end an episode (``terminated``) at the first success.
-        buffers: ``_FIELDS`` arrays with one row per simulator of this group.
-        rotating: a task of another class replaces the simulator (otherwise metaworld's
-            ``set_task`` refuses it).
-    """
-
-    def __init__(
-        self,
-        classes: Sequence[str],
-        seeds: Sequence[int],
-        max_episode_steps: int,
-        fast: bool,
-        terminate_on_success: bool,
-        buffers: dict[str, np.ndarray],
-        rotating: bool = False,
-    ) -> None:
-        self.rotating = rotating
-        self.max_episode_steps = max_episode_steps
-        self.fast = fast
-        self.seeds = list(seeds)
-        self.classes = list(classes)
-        self.envs = [self._make(name, seed) for name, seed in zip(self.classes, self.seeds)]
-        self.terminate_on_success = terminate_on_success
-        self.buf = buffers
-        self.steps = [0] * len(self.envs)
-
-    def _make(self, name: str, seed: int) -> Any:
-        env = env_class(name, fast=self.fast)(reward_function_version="v2")
-        env.seed(seed)
-        # The env itself refuses to step past max_path_length (500); lift it for longer
-        # episodes. Shorter ones are cut by our own counter below.
-        env.max_path_length = max(env.max_path_length, self.max_episode_steps)
-        return env
-
-    def reset(self, tasks: Sequence[Task]) -> None:
-        """Set each env's task and reset it; writes ``buf["observation"]``.
-
-        A task of another class than the env's replaces that simulator by a new one of the task's
-        class (same seed): slots of a rotating MT meta-batch change class between iterations.
-        """
-        obs = self.buf["observation"]
-        for i, task in enumerate(tasks):
-            if self.rotating and task.env_name != self.classes[i]:
-                self.envs[i].close()  # free the old simulator before building its replacement
-                self.envs[i] = self._make(task.env_name, self.seeds[i])
-                self.classes[i] = task.env_name
-            env = self.envs[i]
-            env.set_task(task)
-            obs[i] = env.reset()[0]
-            self.steps[i] = 0
-
-    def step(self) -> None:
-        """Step every env with ``buf["action"]``, auto-resetting finished ones (same task)."""
-        b = self.buf
-        actions = b["action"].copy()  # the env keeps no reference, but be safe against reuse
-        for i, env in enumerate(self.envs):
-            o, r, term, trunc, info = env.step(actions[i])
-            self.steps[i] += 1
-            succ = bool(info.get("success", False))
-            term = bool(term) or (self.terminate_on_success and succ)
-            # A terminated episode is not also reported truncated: no bootstrap at a true end.
-            trunc = (bool(trunc) or self.steps[i] >= self.max_episode_steps) and not term
-            b["reward"][i], b["success"][i] = r, succ
-            b["terminated"][i], b["truncated"][i] = term, trunc
-            b["final_observation"][i] = o
-            if term or trunc:
-                o = env.reset()[0]
-                self.steps[i] = 0
-            b["observation"][i] = o
-
-    def close(self) -> None:
-        for env in self.envs:
-            env.close()
-        self.envs = []
-
-
-def _worker_main(
-    conn: Connection, raw: dict[str, Any], n: int, lo: int, hi: int, group_kwargs: dict[str, Any]
-) -> None:
-    """Worker loop: build the group over rows ``lo:hi`` of the shared buffers, then serve.
-
-    Messages: ``_STEP`` (answered ``_OK``), or pickled ``("reset", tasks)`` / ``("close", None)``
-    (answered ``("ok", None)``). Any exception is sent back as ``("error", traceback)`` so the
-    parent raises it with the worker's stack; a vanished parent (EOF on the pipe) ends the loop.
-    """
-    group = None
-    try:
-        views = {k: v[lo:hi] for k, v in _views(raw, n).items()}
-        group = _EnvGroup(**group_kwargs, buffers=views)
-        conn.send(("ok", None))
-        while True:
-            msg = conn.recv_bytes()
-            if msg == _STEP:
-                group.step()
-                conn.send_bytes(_OK)
-                continue
-            cmd, payload = pickle.loads(msg)
-            if cmd == "reset":
-                group.reset(payload)
-            elif cmd != "close":
-                raise ValueError(f"unknown worker command {cmd!r}")
-            conn.send(("ok", None))
-            if cmd == "close":
-                break
-    except (EOFError, KeyboardInterrupt, BrokenPipeError):
-        pass
-    except Exception:  # noqa: BLE001 - report any failure to the parent instead of dying silently
-        try:
-            conn.send(("error", traceback.format_exc()))
-        except (BrokenPipeError, OSError):
-            pass
-    finally:
-        if group is not None:
-            group.close()
-        conn.close()
+from metarl_lightning.envs.worker_process import ACTION_DIM, FIELDS, OBS_DIM, OK, STEP, EnvGroup, shared_views, worker_main
 
 
 class MetaWorldVectorEnv:
@@ -293,7 +139,7 @@ class MetaWorldVectorEnv:
                 rotating=rotating,
             )
 
-        self._local: _EnvGroup | None = None
+        self._local: EnvGroup | None = None
         self._conns: list[Connection] = []
         self._procs: list[mp.process.BaseProcess] = []
         num_workers = min(num_workers, n)
@@ -311,17 +157,17 @@ class MetaWorldVectorEnv:
             self._bounds += chunks.round().astype(int).tolist()[1:]
         self._lane_workers = [range(lo, hi) for lo, hi in zip(lane_workers[:-1], lane_workers[1:])]
         if num_workers == 0:
-            self._buf = {k: np.zeros((n, *shape), dtype=dt) for k, (shape, dt) in _FIELDS.items()}
-            self._local = _EnvGroup(**group_kwargs(0, n), buffers=self._buf)
+            self._buf = {k: np.zeros((n, *shape), dtype=dt) for k, (shape, dt) in FIELDS.items()}
+            self._local = EnvGroup(**group_kwargs(0, n), buffers=self._buf)
         else:
             ctx = mp.get_context(start_method)
             # Lock-free shared buffers: the parent and a worker never touch them at the same time
             # (the pipe messages order every access), and workers own disjoint rows.
             raw = {
                 k: ctx.RawArray("b", n * int(np.prod(shape, dtype=int)) * np.dtype(dt).itemsize)
-                for k, (shape, dt) in _FIELDS.items()
+                for k, (shape, dt) in FIELDS.items()
             }
-            self._buf = _views(raw, n)
+            self._buf = shared_views(raw, n)
             with main_script_hidden():
                 self._start_workers(ctx, raw, n, num_workers, group_kwargs)
             self._closed = False
@@ -336,7 +182,7 @@ class MetaWorldVectorEnv:
             lo, hi = self._bounds[w], self._bounds[w + 1]
             parent, child = ctx.Pipe()
             proc = ctx.Process(
-                target=_worker_main,
+                target=worker_main,
                 args=(child, raw, n, lo, hi, group_kwargs(lo, hi)),
                 name=f"metaworld-worker-{w}",
                 daemon=True,  # never outlive the trainer, even if close() is skipped
@@ -436,12 +282,12 @@ class MetaWorldVectorEnv:
         else:
             # Signal every worker before waiting on any, so all groups step concurrently.
             for w in workers:
-                self._conns[w].send_bytes(_STEP)
+                self._conns[w].send_bytes(STEP)
 
     def _step_result(self, workers: range, lo: int, hi: int) -> StepResult:
         """Wait for ``workers`` and copy out env rows ``lo:hi``."""
         if self._local is None:
-            self._gather(expect=_OK, workers=workers)
+            self._gather(expect=OK, workers=workers)
         b = self._buf
         # Copies: the buffers are overwritten by the next step, the caller may keep the results.
         return StepResult(
