@@ -21,7 +21,8 @@ from torch.func import functional_call
 from metarl_lightning.algorithms.ppo import gaussian_log_prob
 from metarl_lightning.envs.benchmarks import make_benchmark
 from metarl_lightning.envs.context import ContextObservation
-from metarl_lightning.evaluation import MetaWorldAgent, make_eval_envs, run_meta_learning
+from metarl_lightning.evaluation import make_eval_envs, run_meta_learning
+from metarl_lightning.evaluation_agent import MetaWorldAgent
 from metarl_lightning.module import MetaRLModule
 from metarl_lightning.policies import SSMActorCritic
 from tests.test_evaluation import ScriptedAgent

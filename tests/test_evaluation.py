@@ -24,12 +24,12 @@ from lightning.pytorch.trainer.states import TrainerFn
 from callbacks.evaluation import MetaWorldEvaluation
 from metarl_lightning.envs.benchmarks import make_benchmark
 from metarl_lightning.evaluation import (
-    MetaWorldAgent,
     evaluate_meta_learning,
     make_eval_envs,
     run_meta_learning,
     run_multi_task,
 )
+from metarl_lightning.evaluation_agent import MetaWorldAgent
 from metarl_lightning.module import MetaRLModule
 from metarl_lightning.policies.mlp import MLPActorCritic
 

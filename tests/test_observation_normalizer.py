@@ -15,7 +15,7 @@ from metarl_lightning.algorithms.running_moments import Moments, merge_moments, 
 from metarl_lightning.checks.checkpoint import check_state_dict
 from metarl_lightning.envs.navigation import Navigation2DVectorEnv
 from metarl_lightning.errors import ConfigError
-from metarl_lightning.evaluation import MetaWorldAgent
+from metarl_lightning.evaluation_agent import MetaWorldAgent
 from metarl_lightning.module import MetaRLModule
 from metarl_lightning.observation_normalizer import ObservationNormalizer
 from metarl_lightning.policies import MLPActorCritic
