@@ -199,9 +199,9 @@ def runs_table(runs: Sequence[RunSummary]) -> str:
 
 def recipes_table(runs: Sequence[RunSummary]) -> str:
     """One Markdown row per recipe: its seeds' protocol success, mean and sample sd."""
-    groups: dict[str, list[RunSummary]] = {}
+    groups: dict[tuple[str, str], list[RunSummary]] = {}
     for r in runs:
-        groups.setdefault(recipe_key(r.config) + r.stage, []).append(r)
+        groups.setdefault((recipe_key(r.config), r.stage), []).append(r)
     members = list(groups.values())
     labels = group_labels([g[0].config for g in members])
     lines = [
