@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from metarl_lightning.envs.base import TaskVectorEnv
+from metarl_lightning.envs.base import METAWORLD_ACTION_DIM, METAWORLD_OBS_DIM, TaskVectorEnv
 from metarl_lightning.envs.context import METAWORLD_CONTEXT_REWARD_SCALE, NAV2D_CONTEXT_REWARD_SCALE, context_dim
 from metarl_lightning.envs.navigation import Navigation2DVectorEnv
 from metarl_lightning.errors import ConfigError, require
@@ -30,7 +30,6 @@ from metarl_lightning.threads import learner_threads, runnable_elsewhere, usable
 NAV2D = "nav2d"
 METAWORLD_BENCHMARKS = ("MT1", "MT10", "MT50", "ML1", "ML10", "ML45")
 VALID_BENCHMARKS = (NAV2D, *METAWORLD_BENCHMARKS)
-_METAWORLD_OBS_DIM, _METAWORLD_ACTION_DIM = 39, 4
 
 
 def _stream_seed(*parts: int | str) -> int:
@@ -281,18 +280,18 @@ class MetaTaskDataModule(L.LightningDataModule):
             from metarl_lightning.envs.benchmarks import CLASS_COUNTS  # metaworld: imported on use
 
             extra = CLASS_COUNTS[self.benchmark][0]  # MT: every class is a training class
-        return _METAWORLD_OBS_DIM + extra + context
+        return METAWORLD_OBS_DIM + extra + context
 
     @property
     def env_observation_dim(self) -> int:
         """The env's own observation: the leading coordinates of the policy input, before the task
         one-hot and the context inputs (what ``model.normalize_observations`` standardises)."""
-        return Navigation2DVectorEnv.observation_dim if self.benchmark == NAV2D else _METAWORLD_OBS_DIM
+        return Navigation2DVectorEnv.observation_dim if self.benchmark == NAV2D else METAWORLD_OBS_DIM
 
     @property
     def action_dim(self) -> int:
         """Action size (linked into ``model.policy``)."""
-        return Navigation2DVectorEnv.action_dim if self.benchmark == NAV2D else _METAWORLD_ACTION_DIM
+        return Navigation2DVectorEnv.action_dim if self.benchmark == NAV2D else METAWORLD_ACTION_DIM
 
     @property
     def rollout_steps(self) -> int:

@@ -13,6 +13,11 @@ from typing import Any, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
+# Meta-World's observation and action sizes (every v3 class): here, where the data module can read
+# them without importing metaworld, as the env workers do.
+METAWORLD_OBS_DIM = 39
+METAWORLD_ACTION_DIM = 4
+
 
 class StepResult(NamedTuple):
     """Result of stepping all ``N`` environments once.

@@ -16,22 +16,20 @@ from typing import Any, Sequence
 import numpy as np
 from metaworld.types import Task
 
+from metarl_lightning.envs.base import METAWORLD_ACTION_DIM, METAWORLD_OBS_DIM
 from metarl_lightning.envs.fast import env_class
-
-OBS_DIM = 39
-ACTION_DIM = 4
 
 # Per-env buffers shared by the parent and the workers: name -> (shape after the env axis, dtype).
 # Each worker reads its rows of "action" and writes its rows of the others, so a step costs one
 # byte each way through the pipe instead of pickled arrays.
 FIELDS: dict[str, tuple[tuple[int, ...], type]] = {
-    "action": ((ACTION_DIM,), np.float32),
-    "observation": ((OBS_DIM,), np.float32),
+    "action": ((METAWORLD_ACTION_DIM,), np.float32),
+    "observation": ((METAWORLD_OBS_DIM,), np.float32),
     "reward": ((), np.float32),
     "terminated": ((), np.bool_),
     "truncated": ((), np.bool_),
     "success": ((), np.bool_),
-    "final_observation": ((OBS_DIM,), np.float32),
+    "final_observation": ((METAWORLD_OBS_DIM,), np.float32),
 }
 STEP, OK = b"s", b"o"  # the one-byte messages of the hot path; everything else is pickled
 

@@ -25,10 +25,10 @@ from typing import Any, Sequence
 import numpy as np
 from metaworld.types import Task
 
-from metarl_lightning.envs.base import StepResult
+from metarl_lightning.envs.base import METAWORLD_ACTION_DIM, METAWORLD_OBS_DIM, StepResult
 from metarl_lightning.envs.benchmarks import Benchmark
 from metarl_lightning.envs.process_start import main_script_hidden
-from metarl_lightning.envs.worker_process import ACTION_DIM, FIELDS, OBS_DIM, OK, STEP, EnvGroup, shared_views, worker_main
+from metarl_lightning.envs.worker_process import FIELDS, OK, STEP, EnvGroup, shared_views, worker_main
 
 
 class MetaWorldVectorEnv:
@@ -113,7 +113,7 @@ class MetaWorldVectorEnv:
         self.num_agents = num_agents
         self.envs_per_agent = envs_per_agent
         self.max_episode_steps = max_episode_steps
-        self.action_dim = ACTION_DIM
+        self.action_dim = METAWORLD_ACTION_DIM
         self._closed = True  # until everything is built, so __del__ of a half-built env is safe
         self._building = False  # workers started, their "built" replies not read yet
         self._tasks: list[Task] | None = None
@@ -127,7 +127,7 @@ class MetaWorldVectorEnv:
         if task_one_hot:
             self._one_hot = np.zeros((n, len(self._class_index)), dtype=np.float32)
             self._set_one_hot()
-        self.observation_dim = OBS_DIM + (0 if self._one_hot is None else self._one_hot.shape[1])
+        self.observation_dim = METAWORLD_OBS_DIM + (0 if self._one_hot is None else self._one_hot.shape[1])
 
         def group_kwargs(lo: int, hi: int) -> dict[str, Any]:
             return dict(
