@@ -8,7 +8,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from callbacks.atomic_io import write_atomic
-from callbacks.protocol_split import is_train_split
+from metarl_lightning.protocol_split import is_train_split
 
 STEPS = "env steps (millions)"
 

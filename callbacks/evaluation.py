@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
-from callbacks.protocol_split import metric_prefix
+from metarl_lightning.protocol_split import metric_prefix
 from callbacks.results import ResultsWriter
 from metarl_lightning.evaluation import evaluate_meta_learning, evaluate_multi_task
 

@@ -23,7 +23,7 @@ fit's files).
                      step, env_steps, success_rate, return, success_per_task {class: rate} and
                      the counts it ran with (protocol, num_evals, adaptation/evaluation episodes,
                      envs_per_class, max_episode_steps; ``split: train`` for the protocol on the
-                     training goals, a meta-train number: ``callbacks.protocol_split``)
+                     training goals, a meta-train number: ``metarl_lightning.protocol_split``)
 
 ``eval_per_task.csv`` holds the per-class table of every protocol evaluation (epoch, env_steps,
 class, success_rate, split), also uploaded to MLflow. ``test_results.json`` /
@@ -47,7 +47,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from callbacks.atomic_io import write_atomic, write_json_atomic
 from callbacks.curves import plot_training_curves
 from callbacks.mlflow_run import mlflow_loggers, upload_artifact
-from callbacks.protocol_split import is_train_split
+from metarl_lightning.protocol_split import is_train_split
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from metarl_lightning.protocol_split import is_train_split
+
 RESULT_FILES = ("results.json", "test_results.json", "validate_results.json")
 # Config keys that do not change what a run learns: the seed (what a recipe is run over), where it
 # writes, how it is resumed, and when and how it is evaluated and logged. Runs that differ only here
@@ -104,9 +106,9 @@ def _counts(entry: Mapping[str, Any]) -> str:
     return f"{goals}, {episodes[0]}+{episodes[1]} ep." if None not in episodes else goals
 
 
-def _held_out(protocol: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+def _held_out(protocol: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Protocol entries on the held-out split (``split: train`` entries are meta-train numbers)."""
-    return [p for p in protocol if (p.get("counts") or {}).get("split", "test") != "train"]
+    return [p for p in protocol if not is_train_split(p)]
 
 
 def read_run(path: str | Path) -> RunSummary:
