@@ -16,24 +16,12 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
+from metarl_lightning.config_tree import flatten_config
+
 # MLflow rejects parameter values longer than this (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH).
 _MAX_PARAM_LENGTH = 6000
 # LightningCLI's own sections that this project does not use (manual optimisation builds its optimiser).
 _NOT_PARAMS = ("config", "optimizer", "lr_scheduler")
-
-
-def flatten_config(config: Any, prefix: str = "") -> dict[str, str]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``; lists keep their index (``a.0``)."""
-    flat: dict[str, str] = {}
-    if isinstance(config, dict):
-        items = config.items()
-    elif isinstance(config, (list, tuple)):
-        items = ((str(i), v) for i, v in enumerate(config))
-    else:
-        return {prefix: str(config)[:_MAX_PARAM_LENGTH]}
-    for key, value in items:
-        flat.update(flatten_config(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
 
 
 class SaveConfigToRun(SaveConfigCallback):
@@ -60,7 +48,8 @@ class SaveConfigToRun(SaveConfigCallback):
                 import json
 
                 tree = json.loads(config)
-                params = flatten_config({k: v for k, v in tree.items() if k not in _NOT_PARAMS})
+                leaves = flatten_config({k: v for k, v in tree.items() if k not in _NOT_PARAMS})
+                params = {k: str(v)[:_MAX_PARAM_LENGTH] for k, v in leaves.items()}
                 existing = logger.experiment.get_run(logger.run_id).data.params
                 # A resumed run already has its params; MLflow refuses to change a logged value.
                 fresh = {k: v for k, v in params.items() if k not in existing}

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from metarl_lightning.config_tree import flatten_config
 from metarl_lightning.protocol_split import is_train_split
 
 RESULT_FILES = ("results.json", "test_results.json", "validate_results.json")
@@ -73,22 +74,14 @@ class RunSummary:
     config: dict[str, Any]
 
 
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as dotted keys; lists and other values as they are (compared by JSON)."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat |= flatten(value, f"{name}.")
-        else:
-            flat[name] = value
-    return flat
+def _recipe_leaves(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config's leaves that set what a run learns (everything but the seed, paths, evaluation)."""
+    return {k: v for k, v in flatten_config(dict(config)).items() if not k.startswith(_NOT_RECIPE_PREFIXES)}
 
 
 def recipe_key(config: Mapping[str, Any]) -> str:
-    """The part of a config that sets what a run learns (everything but the seed and the paths)."""
-    flat = {k: v for k, v in flatten(config).items() if not k.startswith(_NOT_RECIPE_PREFIXES)}
-    return json.dumps(flat, sort_keys=True, default=str)
+    """Equal for runs of one recipe: its leaves, in a canonical JSON form."""
+    return json.dumps(_recipe_leaves(config), sort_keys=True, default=str)
 
 
 def _benchmark(config: Mapping[str, Any]) -> str:
@@ -173,7 +166,7 @@ def mean_and_sd(values: Sequence[float]) -> tuple[float, float | None]:
 
 def group_labels(configs: Sequence[Mapping[str, Any]]) -> list[str]:
     """For each recipe, the config values that differ between the recipes (``key=value, ...``)."""
-    flats = [{k: v for k, v in flatten(c).items() if not k.startswith(_NOT_RECIPE_PREFIXES)} for c in configs]
+    flats = [_recipe_leaves(c) for c in configs]
     keys = sorted({k for f in flats for k in f})
     varying = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats}) > 1]
     return [", ".join(f"{k}={f.get(k)}" for k in varying) or "(one recipe)" for f in flats]
